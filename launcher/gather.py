@@ -1,0 +1,164 @@
+"""Gather a run into runs/<run-id>/: per-rank files, manifest.json, summary.json and loss.png.
+
+Layout of runs/<run-id>/ranks/rank_N/:
+  log/         MindFormers' output/log/rank_N/*  (info.log, error.log)
+  console.log  the rank's stdout/stderr (msrun's worker_N.log, or the rank-table script's rank log)
+  checkpoint/  output/checkpoint/rank_N/*
+  strategy/    this rank's parallel strategy files, if any
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher import logparse
+from launcher.errors import BackendError
+from launcher.plan import LaunchPlan
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+LOSS_PLOT = "loss.png"
+RANKS_DIR = "ranks"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One file to gather: where it is under the node's work directory, where it goes under the run."""
+
+    rank: int
+    source: str
+    dest: str
+
+
+def rank_dir(rank: int) -> str:
+    return f"{RANKS_DIR}/rank_{rank}"
+
+
+def wanted_files(plan: LaunchPlan, workdir: Path) -> list[Wanted]:
+    """Expand the plan's per-rank sources against a local work directory."""
+    out = []
+    for slot in plan.ranks:
+        base = rank_dir(slot.rank)
+        log_glob, console, ckpt_glob, strategy_glob = plan.collect_sources(slot.rank)
+        for pattern, sub in ((log_glob, "log"), (ckpt_glob, "checkpoint"), (strategy_glob, "strategy")):
+            for path in sorted(workdir.glob(pattern)):
+                if path.is_file():
+                    out.append(Wanted(slot.rank, str(path.relative_to(workdir)), f"{base}/{sub}/{path.name}"))
+        if (workdir / console).is_file():
+            out.append(Wanted(slot.rank, console, f"{base}/console.log"))
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_verified(src: Path, dest: Path, expected_sha: str | None = None) -> str:
+    """Copy to a temporary name, check the hash, then rename: no partial file under its final name."""
+    expected = expected_sha or sha256_file(src)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.partial")
+    shutil.copyfile(src, partial)
+    got = sha256_file(partial)
+    if got != expected:
+        partial.unlink()
+        raise BackendError(f"gather: {src} changed while it was copied (sha256 {got[:12]} != {expected[:12]})")
+    os.replace(partial, dest)
+    return got
+
+
+def gather_local(plan: LaunchPlan, workdir: Path, run_dir: Path) -> list[Wanted]:
+    """Copy every rank's files from a local work directory. Files already gathered and unchanged are kept."""
+    wanted = wanted_files(plan, workdir)
+    for item in wanted:
+        src, dest = workdir / item.source, run_dir / item.dest
+        if dest.is_file() and dest.stat().st_size == src.stat().st_size and sha256_file(dest) == sha256_file(src):
+            continue
+        copy_verified(src, dest)
+    return wanted
+
+
+def manifest_entries(run_dir: Path) -> dict[str, dict]:
+    files = {}
+    for top in (RANKS_DIR, "plan"):
+        for path in sorted((run_dir / top).rglob("*")):
+            if path.is_file() and not path.name.endswith(".partial"):
+                files[str(path.relative_to(run_dir))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return files
+
+
+def write_manifest(run_dir: Path) -> dict:
+    manifest = {"files": manifest_entries(run_dir)}
+    (run_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify_manifest(run_dir: Path) -> list[str]:
+    """Every difference between the manifest and the files on disk."""
+    try:
+        recorded = json.loads((run_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return [f"{MANIFEST} is missing"]
+    problems = []
+    for rel, meta in recorded.items():
+        path = run_dir / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+            problems.append(f"{rel}: content differs from the manifest")
+    return problems
+
+
+def write_summary(plan: LaunchPlan, run_dir: Path, extra: dict) -> dict:
+    ranks = {}
+    curves = {}
+    for slot in plan.ranks:
+        info = run_dir / rank_dir(slot.rank) / "log" / "info.log"
+        records = logparse.parse_text(info.read_text(errors="replace")) if info.is_file() else []
+        ckpts = sorted(p.name for p in (run_dir / rank_dir(slot.rank) / "checkpoint").glob("*.ckpt"))
+        ranks[str(slot.rank)] = {
+            "node": slot.node,
+            "host": slot.host,
+            "device": slot.device,
+            **logparse.summarize(records, plan.seq_length, plan.batch_size),
+            "checkpoints": ckpts,
+        }
+        curves[slot.rank] = records
+    summary = {**extra, "world_size": plan.world_size, "seq_length": plan.seq_length,
+               "batch_size": plan.batch_size, "ranks": ranks}
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    plot_losses(curves, run_dir / LOSS_PLOT, title=str(extra.get("run_id", plan.job_name)))
+    return summary
+
+
+def plot_losses(curves: dict[int, list[logparse.StepRecord]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for rank, records in sorted(curves.items()):
+        if records:
+            ax.plot([r.step for r in records], [r.loss for r in records], marker=".", label=f"rank {rank}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    if any(curves.values()):
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no steps logged", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

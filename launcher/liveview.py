@@ -1,0 +1,74 @@
+"""The live view every backend shows while a job runs: one row per rank, from its growing log."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from launcher.logparse import RankProgress
+from launcher.plan import STATUS_DIR, LaunchPlan
+
+
+def rank_exit_codes(plan: LaunchPlan, workdir: Path) -> dict[int, int]:
+    """Exit codes the ranks recorded in output/launcher/rank_N.exit (written by the entrypoint or script)."""
+    codes = {}
+    for slot in plan.ranks:
+        try:
+            codes[slot.rank] = int((workdir / STATUS_DIR / f"rank_{slot.rank}.exit").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            continue
+    return codes
+
+
+class LiveView:
+    """A rich table that refreshes while the job runs; silent when stdout is not a terminal."""
+
+    def __init__(self, plan: LaunchPlan, workdir: Path, console: Console, title: str):
+        self.plan, self.workdir, self.console, self.title = plan, workdir, console, title
+        self.progress = {s.rank: RankProgress(workdir / s.info_log) for s in plan.ranks}
+        self.started = time.monotonic()
+        self._live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+
+    def __enter__(self) -> LiveView:
+        if self._live:
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live:
+            self.update()
+            self._live.__exit__(*exc)
+
+    def update(self) -> None:
+        for progress in self.progress.values():
+            progress.poll()
+        if self._live:
+            self._live.update(self.table(), refresh=True)
+
+    def table(self) -> Table:
+        codes = rank_exit_codes(self.plan, self.workdir)
+        elapsed = time.monotonic() - self.started
+        table = Table(title=f"{self.title}  ({elapsed:.0f}s)", title_justify="left")
+        for column in ("rank", "node", "device", "state", "step", "loss", "step time"):
+            table.add_column(column, justify="right" if column != "state" else "left")
+        for slot in self.plan.ranks:
+            last = self.progress[slot.rank].last
+            code = codes.get(slot.rank)
+            if code is not None:
+                state = "[green]done" if code == 0 else f"[red]failed ({code})"
+            else:
+                state = "running" if last else "starting"
+            table.add_row(
+                str(slot.rank),
+                f"{slot.node} {slot.host}",
+                str(slot.device),
+                state,
+                f"{last.step}/{last.total}" if last else "-",
+                f"{last.loss:.4f}" if last else "-",
+                f"{last.step_ms:.0f} ms" if last and last.step_ms is not None else "-",
+            )
+        return table

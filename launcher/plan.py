@@ -1,0 +1,230 @@
+"""job -> LaunchPlan: a pure, deterministic function (same job, byte-identical artifacts).
+
+The plan does not know its run id: the backend passes LAUNCHER_RUN_ID when it starts a node,
+so one rendered plan can be run more than once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+from launcher import mfconfig, ranktable
+from launcher.errors import ConfigError
+from launcher.render import render_template, to_json, to_yaml
+from launcher.spec import Job
+
+PLAN_FILE = "plan.json"
+CONFIG_PATH = "mindformers/run.yaml"
+ENV_PATH = "env/job.env"
+ENTRYPOINT_PATH = "entrypoint/finetune.py"
+RANKTABLE_PATH = "ranktable/hccl.json"
+# Where the launcher's own per-rank files go, under the node's work directory.
+STATUS_DIR = "output/launcher"
+_ENTRYPOINT_SOURCE = Path(__file__).parent / "entrypoints" / "finetune.py"
+
+
+@dataclass(frozen=True)
+class RankSlot:
+    rank: int
+    node: int  # index into job.cluster.nodes
+    host: str
+    device: int
+    local_rank: int
+    console_log: str  # the rank's stdout/stderr, relative to the node's work directory
+    info_log: str  # MindFormers' info.log (the live view and the summary parse it)
+
+
+@dataclass(frozen=True)
+class NodeStep:
+    index: int  # index into job.cluster.nodes
+    host: str
+    node_rank: int  # position in the launch order (msrun --node_rank)
+    script: str  # artifact path of the node's launch script
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    job_name: str
+    backend: str
+    device: str
+    launch: str
+    master_addr: str
+    master_port: int
+    seq_length: int
+    batch_size: int
+    ranks: tuple[RankSlot, ...]
+    nodes: tuple[NodeStep, ...]
+    artifacts: Mapping[str, str] = field(repr=False)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    def collect_sources(self, rank: int) -> list[str]:
+        """Globs, relative to the node's work directory, of what gather copies for one rank."""
+        slot = self.ranks[rank]
+        return [
+            f"output/log/rank_{rank}/*",
+            slot.console_log,
+            f"output/checkpoint/rank_{rank}/*",
+            f"output/strategy/*rank_{rank}*",
+        ]
+
+    def to_json(self) -> str:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "artifacts"}
+        data["ranks"] = [asdict(r) for r in self.ranks]
+        data["nodes"] = [asdict(n) for n in self.nodes]
+        return to_json(data)
+
+    def write(self, directory: Path) -> None:
+        """Write every artifact and plan.json. Built in a temporary folder and renamed into place,
+        so a failure never leaves half a plan; an earlier plan in `directory` is replaced."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.") as tmp:
+            staged = Path(tmp) / "plan"
+            for rel, text in self.artifacts.items():
+                target = staged / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+                if rel.endswith(".sh"):
+                    target.chmod(0o755)
+            (staged / PLAN_FILE).write_text(self.to_json())
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(staged, directory)
+
+    @classmethod
+    def read(cls, directory: Path) -> LaunchPlan:
+        """A plan written by `launcher render` (or kept in a run directory)."""
+        try:
+            data = json.loads((directory / PLAN_FILE).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{directory}: no {PLAN_FILE}; render the job first with 'launcher render'") from None
+        artifacts = {
+            str(p.relative_to(directory)): p.read_text()
+            for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != PLAN_FILE
+        }
+        return cls(
+            **{k: v for k, v in data.items() if k not in ("ranks", "nodes")},
+            ranks=tuple(RankSlot(**r) for r in data["ranks"]),
+            nodes=tuple(NodeStep(**{**n, "ranks": tuple(n["ranks"])}) for n in data["nodes"]),
+            artifacts=MappingProxyType(artifacts),
+        )
+
+
+def _rank_table_servers(job: Job) -> list[ranktable.ServerDevices] | None:
+    nodes = job.cluster.nodes
+    if not all(n.device_ips and n.rank_table_server_id for n in nodes):
+        return None
+    return [
+        ranktable.ServerDevices(n.rank_table_server_id, tuple(n.devices), tuple(n.device_ips)) for n in nodes
+    ]
+
+
+def launch_order(job: Job) -> list[int]:
+    """Node indices in global-rank order. With a rank table this must follow its server order."""
+    nodes = job.cluster.nodes
+    if job.cluster.launch == "ranktable" and _rank_table_servers(job):
+        return sorted(range(len(nodes)), key=lambda i: nodes[i].rank_table_server_id)
+    return list(range(len(nodes)))
+
+
+def assign_ranks(job: Job) -> list[RankSlot]:
+    slots, rank = [], 0
+    msrun = job.cluster.launch == "msrun"
+    for node_index in launch_order(job):
+        node = job.cluster.nodes[node_index]
+        for local_rank, device in enumerate(node.devices):
+            console = f"output/msrun_log/worker_{rank}.log" if msrun else f"output/rank_log/rank_{rank}.log"
+            slots.append(
+                RankSlot(
+                    rank=rank,
+                    node=node_index,
+                    host=node.host,
+                    device=device,
+                    local_rank=local_rank,
+                    console_log=console,
+                    info_log=f"output/log/rank_{rank}/info.log",
+                )
+            )
+            rank += 1
+    return slots
+
+
+def job_environment(job: Job) -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1", "GLOG_v": "2"}
+    if job.cluster.device == "ascend":
+        env.update(HCCL_CONNECT_TIMEOUT="1200", HCCL_EXEC_TIMEOUT="1800")
+    env.update(job.env)
+    return env
+
+
+def build_plan(job: Job) -> LaunchPlan:
+    cfg = mfconfig.build(job)
+    seq_length, batch_size = mfconfig.train_shape(cfg)
+    slots = assign_ranks(job)
+    order = launch_order(job)
+    cluster = job.cluster
+    master = cluster.nodes[order[0]]
+    master_addr = "127.0.0.1" if cluster.backend == "local" else (master.rank_table_server_id or master.host)
+
+    artifacts: dict[str, str] = {
+        CONFIG_PATH: to_yaml(cfg),
+        ENV_PATH: render_template("job.env.j2", env=job_environment(job)),
+        ENTRYPOINT_PATH: _ENTRYPOINT_SOURCE.read_text(),
+    }
+    servers = _rank_table_servers(job)
+    if servers:
+        merged = ranktable.merge_servers(servers)
+        artifacts[RANKTABLE_PATH] = to_json(merged)
+        for i, server in enumerate(servers):
+            first = next(s.rank for s in slots if s.node == i)
+            artifacts[f"ranktable/node-{i}.json"] = to_json(ranktable.single_node_table(server, first))
+
+    steps = []
+    for node_rank, node_index in enumerate(order):
+        node_slots = [s for s in slots if s.node == node_index]
+        script = f"nodes/node-{node_index}/launch.sh"
+        context = dict(
+            job=job,
+            node_index=node_index,
+            node_rank=node_rank,
+            slots=node_slots,
+            world_size=len(slots),
+            master_addr=master_addr,
+            master_port=cluster.master_port,
+            cluster_time_out=cluster.cluster_time_out,
+            config_path=CONFIG_PATH,
+            env_path=ENV_PATH,
+            entrypoint_path=ENTRYPOINT_PATH,
+            ranktable_path=RANKTABLE_PATH if servers else None,
+            status_dir=STATUS_DIR,
+            visible_devices=",".join(str(s.device) for s in node_slots),
+        )
+        template = "launch_msrun.sh.j2" if cluster.launch == "msrun" else "launch_ranktable.sh.j2"
+        artifacts[script] = render_template(template, **context)
+        steps.append(NodeStep(node_index, cluster.nodes[node_index].host, node_rank, script,
+                              tuple(s.rank for s in node_slots)))
+
+    return LaunchPlan(
+        job_name=job.name,
+        backend=cluster.backend,
+        device=cluster.device,
+        launch=cluster.launch,
+        master_addr=master_addr,
+        master_port=cluster.master_port,
+        seq_length=seq_length,
+        batch_size=batch_size,
+        ranks=tuple(slots),
+        nodes=tuple(steps),
+        artifacts=MappingProxyType(dict(sorted(artifacts.items()))),
+    )

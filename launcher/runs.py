@@ -1,0 +1,61 @@
+"""Run directories: runs/<run-id>/ with run.json (what was started, where, and how it ended)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from launcher.errors import ConfigError
+
+RUN_FILE = "run.json"
+PLAN_DIR = "plan"
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    job_name: str
+    backend: str
+    state: str  # starting | running | succeeded | failed | interrupted
+    started: float
+    finished: float | None = None
+    exit_code: int | None = None
+    failed_rank: int | None = None
+    leader_pid: int | None = None  # process-group leader of the node script (local)
+    message: str = ""
+
+    def save(self, run_dir: Path) -> None:
+        tmp = run_dir / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, run_dir / RUN_FILE)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunRecord:
+        return cls(**json.loads((run_dir / RUN_FILE).read_text()))
+
+
+def new_run_id(job_name: str, runs_dir: Path) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_id, n = f"{job_name}-{stamp}", 1
+    while (runs_dir / run_id).exists():
+        n += 1
+        run_id = f"{job_name}-{stamp}-{n}"
+    return run_id
+
+
+def find_run(run: str, runs_dir: Path) -> Path:
+    """RUN is a run directory or a run id under runs_dir; a unique prefix of an id is enough."""
+    candidates = [Path(run), runs_dir / run]
+    for path in candidates:
+        if (path / RUN_FILE).is_file():
+            return path
+    matches = sorted(p for p in runs_dir.glob(f"{run}*") if (p / RUN_FILE).is_file()) if runs_dir.is_dir() else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        names = ", ".join(p.name for p in matches[:5])
+        raise ConfigError(f"run '{run}' is ambiguous: {names}")
+    raise ConfigError(f"no run '{run}' in {runs_dir}/; give a run id or a run directory")

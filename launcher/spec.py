@@ -1,0 +1,387 @@
+"""The job file: pydantic models, loading, and the checks that span several fields.
+
+Everything here is pure except `load_job` (reads the file) and `check_local_host`
+(looks at this machine: dataset on disk, port free), which the CLI calls for local runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launcher.errors import ConfigError
+
+# Models and methods with a base config under configs/mindformers/<model>/<method>.yaml.
+SUPPORTED = {
+    "tiny_llama": ("lora", "full"),
+    "llama2_7b": ("lora",),
+    "baichuan2_7b": ("lora",),
+    "qwen1_5_7b": ("lora", "full"),
+}
+
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Dataset(Strict):
+    path: str = Field(description="MindRecord file the ranks read (on the nodes for remote backends)")
+    shuffle: bool = False
+
+
+class Checkpoint(Strict):
+    load: str = ""
+    auto_trans: bool = False
+
+
+class Parallel(Strict):
+    data_parallel: int = Field(1, ge=1)
+    model_parallel: int = Field(1, ge=1)
+    pipeline_stage: int = Field(1, ge=1)
+    micro_batch_num: int = Field(1, ge=1)
+
+    @property
+    def product(self) -> int:
+        return self.data_parallel * self.model_parallel * self.pipeline_stage
+
+
+class Lora(Strict):
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str = ".*wq|.*wk|.*wv|.*wo"
+
+
+class MindFormers(Strict):
+    base: str | None = Field(None, description="base config path; default: the shipped one for model/method")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value")
+
+
+def parse_devices(value: Any) -> list[int]:
+    """Accept [0, 1, 2], "0-7" (inclusive) or "[0,8)" (half-open, as run_singlenode writes it)."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        text = value.replace(" ", "")
+        if m := re.fullmatch(r"(\d+)-(\d+)", text):
+            lo, hi = int(m[1]), int(m[2]) + 1
+        elif m := re.fullmatch(r"\[(\d+),(\d+)\)", text):
+            lo, hi = int(m[1]), int(m[2])
+        else:
+            raise ValueError(f"'{value}' is not a device list; write [0, 1], '0-7' or '[0,8)'")
+        if hi <= lo:
+            raise ValueError(f"'{value}' is an empty device range")
+        return list(range(lo, hi))
+    raise ValueError("write devices as a list such as [0, 1], or a range such as '0-7'")
+
+
+class Node(Strict):
+    host: str
+    devices: list[int]
+    server_ip: str | None = Field(None, description="server_id in the rank table; default: host if it is an IP")
+    device_ips: list[str] | None = None
+
+    _parse_devices = field_validator("devices", mode="before")(parse_devices)
+
+    @field_validator("server_ip")
+    @classmethod
+    def _ip(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.ip_address(v)
+        return v
+
+    @field_validator("device_ips")
+    @classmethod
+    def _ips(cls, v: list[str] | None) -> list[str] | None:
+        for ip in v or []:
+            ipaddress.ip_address(ip)
+        return v
+
+    @property
+    def rank_table_server_id(self) -> str | None:
+        if self.server_ip:
+            return self.server_ip
+        try:
+            ipaddress.ip_address(self.host)
+            return self.host
+        except ValueError:
+            return None
+
+
+class Cluster(Strict):
+    backend: Literal["local", "ssh", "k8s"] = "local"
+    device: Literal["cpu", "ascend"] = "cpu"
+    launch: Literal["msrun", "ranktable"] = "msrun"
+    devices_per_node: int = Field(8, ge=1, le=16)
+    master_port: int = Field(8118, ge=1024, le=65535)
+    cluster_time_out: int = Field(600, ge=30, description="msrun --cluster_time_out, seconds")
+    nodes: list[Node] = Field(min_length=1)
+
+
+class Image(Strict):
+    name: str = "swr.cn-south-1.myhuaweicloud.com/ascendhub/mindformers"
+    tag: str = "1.8.0-ms2.7.2-cann8.3"
+
+
+class Output(Strict):
+    runs_dir: str = "runs"
+
+
+class Job(Strict):
+    name: str
+    model: str
+    method: Literal["lora", "full"]
+    dataset: Dataset
+    checkpoint: Checkpoint = Checkpoint()
+    parallel: Parallel = Parallel()
+    lora: Lora = Lora()
+    mindformers: MindFormers = MindFormers()
+    cluster: Cluster
+    image: Image = Image()
+    output: Output = Output()
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for every rank")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("use lowercase letters, digits and '-', at most 40 characters (it names pods and runs)")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v not in SUPPORTED:
+            raise ValueError(f"unknown model '{v}'{_did_you_mean(v, SUPPORTED)}; choose one of {', '.join(SUPPORTED)}")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"'{key}' is not a valid environment variable name")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Job:
+        check_job(self)
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(n.devices) for n in self.cluster.nodes)
+
+
+class _FieldProblem(ValueError):
+    """A cross-field problem that belongs to one field path."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(message)
+
+
+def check_job(job: Job) -> None:
+    """Checks that span several fields. Raises _FieldProblem naming the field to fix."""
+    cluster = job.cluster
+    if job.method not in SUPPORTED[job.model]:
+        methods = " or ".join(SUPPORTED[job.model])
+        raise _FieldProblem("method", f"{job.model} ships a base config for {methods} only")
+    if job.method == "full" and "lora" in job.model_fields_set:
+        raise _FieldProblem("lora", "a lora section only applies with method: lora")
+
+    hosts: set[str] = set()
+    for i, node in enumerate(cluster.nodes):
+        where = f"cluster.nodes[{i}]"
+        if node.host in hosts:
+            raise _FieldProblem(f"{where}.host", f"host '{node.host}' is listed twice; each node appears once")
+        hosts.add(node.host)
+        if not node.devices:
+            raise _FieldProblem(f"{where}.devices", "give at least one device")
+        seen: set[int] = set()
+        for d in node.devices:
+            if d in seen:
+                raise _FieldProblem(f"{where}.devices", f"device {d} is listed twice")
+            seen.add(d)
+            if not 0 <= d < cluster.devices_per_node:
+                n = cluster.devices_per_node
+                hint = f"; did you mean [0,{n})?" if d == n else f"; devices are numbered 0-{n - 1}"
+                raise _FieldProblem(
+                    f"{where}.devices", f"device {d} is outside 0-{n - 1} on a {n}-device node{hint}"
+                )
+        if node.device_ips is not None and len(node.device_ips) != len(node.devices):
+            raise _FieldProblem(
+                f"{where}.device_ips",
+                f"{len(node.device_ips)} device_ips for {len(node.devices)} devices; give one per device, in order",
+            )
+        if cluster.device == "ascend" and cluster.launch == "ranktable":
+            if node.device_ips is None:
+                raise _FieldProblem(
+                    f"{where}.device_ips",
+                    "launch: ranktable on Ascend needs the device IPs of every device "
+                    "(read them with 'hccn_tool -i N -ip -g' or /etc/hccn.conf)",
+                )
+            if node.rank_table_server_id is None:
+                raise _FieldProblem(f"{where}.server_ip", f"host '{node.host}' is not an IP; set server_ip")
+    if cluster.launch == "msrun":
+        counts = {len(n.devices) for n in cluster.nodes}
+        if len(counts) > 1:
+            raise _FieldProblem("cluster.nodes", "msrun needs the same number of devices on every node")
+
+    all_ips = [ip for n in cluster.nodes for ip in (n.device_ips or [])]
+    if len(all_ips) != len(set(all_ips)):
+        dup = next(ip for ip in all_ips if all_ips.count(ip) > 1)
+        raise _FieldProblem("cluster.nodes", f"device_ip {dup} appears more than once; every device IP must be unique")
+
+    world = job.world_size
+    p = job.parallel
+    if p.product != world:
+        raise _FieldProblem(
+            "parallel",
+            f"data_parallel × model_parallel × pipeline_stage = {p.data_parallel}×{p.model_parallel}×"
+            f"{p.pipeline_stage} = {p.product}, but the cluster has {world} ranks; make them equal",
+        )
+    if cluster.device == "cpu" and (p.model_parallel > 1 or p.pipeline_stage > 1):
+        raise _FieldProblem(
+            "parallel", "MindSpore on CPU runs data parallel only; set model_parallel and pipeline_stage to 1"
+        )
+    if p.pipeline_stage > 1 and p.micro_batch_num < p.pipeline_stage:
+        raise _FieldProblem("parallel.micro_batch_num", "must be at least pipeline_stage to fill the pipeline")
+    if cluster.backend == "local" and len(cluster.nodes) != 1:
+        raise _FieldProblem("cluster.nodes", "the local backend runs one node; use backend ssh or k8s for more")
+    if cluster.device == "cpu" and cluster.launch == "ranktable" and len(cluster.nodes) != 1:
+        raise _FieldProblem("cluster.launch", "rank-table mode on CPU runs on one node only")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _format_loc(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("function-before", "function-after") or str(part).startswith(("function-", "list[", "str")):
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the location (for 'did you mean' on unknown keys)."""
+    model: Any = Job
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return model
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        nxt = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return model
+        model = nxt
+    return model
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors(include_url=False)[0]
+    loc = e["loc"]
+    if e["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        key = str(loc[-1])
+        hint = _did_you_mean(key, owner.model_fields) if owner else ""
+        allowed = ", ".join(owner.model_fields) if owner else ""
+        return f"{_format_loc(loc)}: unknown key '{key}'{hint or f'; allowed keys: {allowed}'}"
+    ctx_err = e.get("ctx", {}).get("error")
+    if isinstance(ctx_err, _FieldProblem):
+        return f"{ctx_err.path}: {ctx_err}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "missing":
+        msg = "is required"
+    given = e.get("input")
+    if e["type"].endswith(("_type", "_parsing")) and not isinstance(given, (dict, list)):
+        msg += f" (got {given!r})"
+    return f"{_format_loc(loc) or 'job'}: {msg}"
+
+
+def parse_job(data: Any, source: str = "job") -> Job:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the job file must be a YAML mapping of sections (name, model, cluster, ...)")
+    try:
+        return Job.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_first_error(err)}") from None
+
+
+def load_job(path: str | Path) -> Job:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such job file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the job file ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: YAML does not parse{where}: {problem}") from None
+    return parse_job(data, str(path))
+
+
+def resolve_local_paths(job: Job, base: Path) -> Job:
+    """For the local backend, relative dataset/checkpoint paths are relative to the working directory."""
+
+    def absolute(p: str) -> str:
+        return p if not p or Path(p).is_absolute() else str((base / p).resolve())
+
+    return job.model_copy(
+        update={
+            "dataset": job.dataset.model_copy(update={"path": absolute(job.dataset.path)}),
+            "checkpoint": job.checkpoint.model_copy(update={"load": absolute(job.checkpoint.load)}),
+        }
+    )
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_local_host(job: Job) -> None:
+    """What a local run needs from this machine, checked before anything is written or started."""
+    if not Path(job.dataset.path).exists():
+        raise ConfigError(
+            f"dataset.path: {job.dataset.path} does not exist; "
+            "make the demo dataset with 'launcher dataset tiny PATH' or point to your MindRecord file"
+        )
+    if job.checkpoint.load and not Path(job.checkpoint.load).exists():
+        raise ConfigError(f"checkpoint.load: {job.checkpoint.load} does not exist")
+    if not port_is_free(job.cluster.master_port):
+        raise ConfigError(
+            f"cluster.master_port: port {job.cluster.master_port} is in use on this machine; "
+            "pick a free port (or stop what holds it)"
+        )
