@@ -19,8 +19,8 @@ from launcher.plan import LaunchPlan, build_plan
 from launcher.runs import PLAN_DIR, RunRecord, find_run, new_run_id
 from launcher.spec import Job, check_local_host, load_job, resolve_local_paths
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 DEFAULT_RUNS_DIR = "runs"
 
 

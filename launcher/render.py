@@ -59,6 +59,9 @@ def environment() -> jinja2.Environment:
         autoescape=False,
         trim_blocks=True,
         lstrip_blocks=True,
+        # bash uses "{#" (as in ${#array[@]}), so Jinja comments are spelled {## ... ##}.
+        comment_start_string="{##",
+        comment_end_string="##}",
     )
     env.filters["q"] = lambda value: shlex.quote(str(value))
     env.filters["to_yaml"] = to_yaml

@@ -52,7 +52,9 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
     interrupted = False
     try:
         with LiveView(plan, run_dir, console, title=record.run_id) as view:
-            while proc.poll() is None:
+            # A rank that records a failure ends the watch at once: the others are stopped now,
+            # not when msrun notices.
+            while proc.poll() is None and not _any_rank_failed(plan, run_dir):
                 view.update()
                 time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
@@ -60,21 +62,26 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
     finally:
         left = procs.stop_run(record.run_id, [proc.pid])
     rc = proc.wait()
+    rank_failed = _any_rank_failed(plan, run_dir)
     record.finished = time.time()
     if left:
         record.state, record.message = "failed", f"processes still alive after teardown: {left}"
     elif interrupted:
         record.state, record.exit_code, record.message = "interrupted", 130, "stopped by the user; every rank stopped"
-    elif rc == 0:
+    elif rc == 0 and not rank_failed:
         record.state, record.exit_code = "succeeded", 0
     else:
-        record.state, record.exit_code = "failed", rc or 1
+        record.state, record.exit_code = "failed", rc if rc > 0 else 1
         record.failed_rank = failed_rank(plan, run_dir)
         record.message = f"node script exited with code {rc}"
     record.save(run_dir)
     if left:
         raise BackendError(f"could not stop processes {left} of run {record.run_id}; stop them by hand")
     return record
+
+
+def _any_rank_failed(plan: LaunchPlan, workdir: Path) -> bool:
+    return any(code != 0 for code in rank_exit_codes(plan, workdir).values())
 
 
 def failed_rank(plan: LaunchPlan, workdir: Path) -> int | None:

@@ -80,9 +80,14 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1])
     except BaseException as exc:  # noqa: BLE001 - record any failure for the launcher, then re-raise
-        if not is_scheduler and not isinstance(exc, KeyboardInterrupt):
-            traceback.print_exc()
-            _write_status(rank_id, "exit", "1")
-        raise
+        if is_scheduler or isinstance(exc, KeyboardInterrupt):
+            raise
+        traceback.print_exc()
+        _write_status(rank_id, "exit", "1")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A normal exit would wait in MindSpore's cluster shutdown for peers that will never finish;
+        # leave now so msrun (or the rank-table script) sees the failure at once.
+        os._exit(1)
     if not is_scheduler:
         _write_status(rank_id, "exit", "0")
