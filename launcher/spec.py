@@ -217,8 +217,9 @@ def check_job(job: Job) -> None:
             if not 0 <= d < cluster.devices_per_node:
                 n = cluster.devices_per_node
                 hint = f"; did you mean [0,{n})?" if d == n else f"; devices are numbered 0-{n - 1}"
+                article = "an" if str(n).startswith("8") or n in (11, 18) else "a"
                 raise _FieldProblem(
-                    f"{where}.devices", f"device {d} is outside 0-{n - 1} on a {n}-device node{hint}"
+                    f"{where}.devices", f"device {d} is outside 0-{n - 1} on {article} {n}-device node{hint}"
                 )
         if node.device_ips is not None and len(node.device_ips) != len(node.devices):
             raise _FieldProblem(
