@@ -142,12 +142,13 @@ def write_summary(plan: LaunchPlan, run_dir: Path, extra: dict) -> dict:
 
 
 def plot_losses(curves: dict[int, list[logparse.StepRecord]], out: Path, title: str) -> None:
-    import matplotlib
+    # The Figure API with the Agg canvas draws off-screen without importing pyplot (faster start).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for rank, records in sorted(curves.items()):
         if records:
             ax.plot([r.step for r in records], [r.loss for r in records], marker=".", label=f"rank {rank}")
@@ -161,4 +162,3 @@ def plot_losses(curves: dict[int, list[logparse.StepRecord]], out: Path, title: 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)

@@ -22,7 +22,7 @@ from launcher.plan import STATUS_DIR, LaunchPlan
 from launcher.runs import PLAN_DIR, RunRecord
 
 NODE_LOG = "node-0.log"
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.25
 _MSRUN_WORKER_FAILED = re.compile(r"Worker process (\d+) exit with exception")
 
 
