@@ -17,7 +17,7 @@ from launcher import gather, procs
 from launcher.errors import ConfigError, LauncherError
 from launcher.plan import LaunchPlan, build_plan
 from launcher.runs import PLAN_DIR, RunRecord, find_run, new_run_id
-from launcher.spec import Job, check_local_host, load_job, resolve_local_paths
+from launcher.spec import Job, check_local_host, load_job, port_is_free, resolve_local_paths
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -68,10 +68,10 @@ def _rank_table(plan: LaunchPlan) -> Table:
     return table
 
 
-def _render(job_file: str, output: str) -> LaunchPlan:
+def _render(job_file: str, output: str | None) -> LaunchPlan:
     job, _ = _load(job_file)
     plan = build_plan(job)
-    target = Path(output)
+    target = Path(output or f"rendered/{job.name}")
     if target.exists() and any(target.iterdir()) and not (target / "plan.json").exists():
         raise ConfigError(f"{target} exists and is not a rendered plan; choose an empty or new directory")
     plan.write(target)
@@ -103,11 +103,13 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str) -> None:
     if dry_run:
         if Path(job).is_dir():
             raise ConfigError("--dry-run takes a job file; a rendered directory is already rendered")
-        name = load_job(job).name
-        _render(job, output or f"rendered/{name}")
+        _render(job, output)
         return
     if Path(job).is_dir():
         plan = LaunchPlan.read(Path(job))
+        if plan.backend == "local" and not port_is_free(plan.master_port):
+            raise ConfigError(f"port {plan.master_port} of this rendered plan is in use on this machine; "
+                              "render it again with a free cluster.master_port")
     else:
         spec, local = _load(job)
         if local:

@@ -271,12 +271,11 @@ def _did_you_mean(word: str, choices) -> str:
 
 
 def _format_loc(loc: tuple) -> str:
+    """('cluster', 'nodes', 1, 'devices') -> 'cluster.nodes[1].devices'."""
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("function-before", "function-after") or str(part).startswith(("function-", "list[", "str")):
-            continue
         else:
             path += f".{part}" if path else str(part)
     return path

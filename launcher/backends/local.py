@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -60,7 +61,13 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        left = procs.stop_run(record.run_id, [proc.pid])
+        # A second Ctrl-C or SIGTERM must not cut the teardown short and leave ranks running.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            left = procs.stop_run(record.run_id, [proc.pid])
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     rc = proc.wait()
     rank_failed = _any_rank_failed(plan, run_dir)
     record.finished = time.time()
