@@ -177,6 +177,11 @@ def _print_summary(summary: dict) -> None:
 runs_option = click.option("--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, help="where run directories are")
 
 
+def _open_run(run: str, runs_dir: str) -> tuple[Path, RunRecord, LaunchPlan]:
+    run_dir = find_run(run, Path(runs_dir))
+    return run_dir, RunRecord.load(run_dir), LaunchPlan.read(run_dir / PLAN_DIR)
+
+
 @main.command()
 @click.argument("run")
 @runs_option
@@ -185,9 +190,7 @@ def status(run: str, runs_dir: str) -> None:
     """Show the state of RUN (a run id or directory) and each rank's progress."""
     from launcher.liveview import LiveView
 
-    run_dir = find_run(run, Path(runs_dir))
-    record = RunRecord.load(run_dir)
-    plan = LaunchPlan.read(run_dir / PLAN_DIR)
+    run_dir, record, plan = _open_run(run, runs_dir)
     alive = procs.run_processes(record.run_id)
     state = record.state
     if state == "running" and not alive:
@@ -208,9 +211,7 @@ def status(run: str, runs_dir: str) -> None:
 @reports_errors
 def logs(run: str, rank: int | None, follow: bool, runs_dir: str) -> None:
     """Print the console logs of RUN's ranks."""
-    run_dir = find_run(run, Path(runs_dir))
-    record = RunRecord.load(run_dir)
-    plan = LaunchPlan.read(run_dir / PLAN_DIR)
+    run_dir, record, plan = _open_run(run, runs_dir)
     if rank is not None and not 0 <= rank < plan.world_size:
         raise ConfigError(f"--rank: {rank} is not a rank of this run (0-{plan.world_size - 1})")
     slots = [plan.ranks[rank]] if rank is not None else list(plan.ranks)
@@ -240,9 +241,7 @@ def gather_cmd(run: str, runs_dir: str) -> None:
     """Gather RUN again: copy what is missing, then verify every file against manifest.json."""
     from launcher.backends import local
 
-    run_dir = find_run(run, Path(runs_dir))
-    record = RunRecord.load(run_dir)
-    plan = LaunchPlan.read(run_dir / PLAN_DIR)
+    run_dir, record, plan = _open_run(run, runs_dir)
     if (run_dir / gather.MANIFEST).is_file():
         problems = gather.verify_manifest(run_dir)
         if problems:
