@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import signal
 import sys
 import time
@@ -13,7 +14,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from launcher import gather, procs
+from launcher import gather
+from launcher.entrypoints import nodectl
 from launcher.errors import ConfigError, LauncherError
 from launcher.plan import LaunchPlan, build_plan
 from launcher.runs import PLAN_DIR, RunRecord, find_run, new_run_id
@@ -94,11 +96,15 @@ def render(job_file: str, output: str) -> None:
 @click.option("--dry-run", is_flag=True, help="only validate and render, like 'launcher render'")
 @click.option("-o", "--output", help="with --dry-run: where to write (default: rendered/<job-name>)")
 @click.option("--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, help="where run directories go")
+@click.option("--accept-new-host-keys", is_flag=True,
+              help="ssh: trust nodes whose host key is not yet in known_hosts, and record their keys")
+@click.option("--kill-stale", is_flag=True, help="ssh: stop processes of earlier runs of this job found on the nodes")
 @reports_errors
-def up(job: str, dry_run: bool, output: str | None, runs_dir: str) -> None:
+def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_host_keys: bool,
+       kill_stale: bool) -> None:
     """Start JOB (a job file, or a directory written by 'launcher render'), watch it, and gather it.
 
-    Any rank that fails, Ctrl-C or SIGTERM stops every rank; what exists is still gathered.
+    Any rank that fails, a lost node, Ctrl-C or SIGTERM stops every rank; what exists is still gathered.
     """
     if dry_run:
         if Path(job).is_dir():
@@ -115,23 +121,31 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str) -> None:
         if local:
             check_local_host(spec)
         plan = build_plan(spec)
-    if plan.backend != "local":
-        raise ConfigError(f"cluster.backend: the {plan.backend} backend is not available in this version; "
-                          "use 'launcher render' and start the node scripts yourself")
-    _run_local(plan, Path(runs_dir))
+    if plan.backend == "k8s":
+        raise ConfigError("cluster.backend: the k8s backend is not available in this version; "
+                          "use 'launcher render' to review the artifacts")
+    run_dir, record = _new_run(plan, Path(runs_dir))
+    if plan.backend == "ssh":
+        _run_ssh(plan, run_dir, record, accept_new_host_keys, kill_stale)
+    else:
+        _run_local(plan, run_dir, record)
 
 
-def _run_local(plan: LaunchPlan, runs_dir: Path) -> None:
-    from launcher.backends import local
-
+def _new_run(plan: LaunchPlan, runs_dir: Path) -> tuple[Path, RunRecord]:
     runs_dir.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id(plan.job_name, runs_dir)
     run_dir = (runs_dir / run_id).resolve()
     plan.write(run_dir / PLAN_DIR)
     record = RunRecord(run_id, plan.job_name, plan.backend, "starting", time.time())
     record.save(run_dir)
-    out.print(f"run [bold]{run_id}[/] — {plan.world_size} ranks, {plan.launch} on this machine; "
-              f"logs under {run_dir}/output/")
+    where = "this machine" if plan.backend == "local" else f"{len(plan.nodes)} nodes over SSH"
+    out.print(f"run [bold]{run_id}[/] — {plan.world_size} ranks, {plan.launch} on {where}")
+    return run_dir, record
+
+
+def _run_local(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> None:
+    from launcher.backends import local
+
     # SIGTERM gets the same teardown as Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -140,22 +154,48 @@ def _run_local(plan: LaunchPlan, runs_dir: Path) -> None:
         signal.signal(signal.SIGTERM, previous)
     out.print("gathering ...")
     summary = local.gather_run(plan, run_dir, record)
+    tail = ""
+    if record.failed_rank is not None:
+        log = run_dir / plan.ranks[record.failed_rank].console_log
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.is_file() else ""
+    _report(plan, run_dir, record, summary, tail, [])
+
+
+def _run_ssh(plan: LaunchPlan, run_dir: Path, record: RunRecord, accept_new: bool, kill_stale: bool) -> None:
+    from launcher.backends import ssh
+
+    try:
+        record, problems, tail = ssh.execute(plan, run_dir, record, out, accept_new, kill_stale)
+    except LauncherError:
+        if RunRecord.load(run_dir).state == "starting":
+            shutil.rmtree(run_dir)  # nothing ran anywhere: leave no run behind
+        raise
+    out.print("gathered; verifying ...")
+    summary = gather.finish(plan, run_dir, record)
+    _report(plan, run_dir, record, summary, tail, problems)
+
+
+def _report(plan: LaunchPlan, run_dir: Path, record: RunRecord, summary: dict, tail: str,
+            problems: list[str]) -> None:
     _print_summary(summary)
     out.print(f"run directory: {run_dir}/")
-    if record.state == "succeeded":
+    for problem in problems:
+        err.print(f"warning: {problem}", markup=False)
+    if record.state == "succeeded" and not problems:
         return
+    if record.state == "succeeded":
+        sys.exit(1)
     if record.state == "interrupted":
-        err.print(f"interrupted: every rank of {run_id} was stopped; what they wrote is gathered")
+        err.print(f"interrupted: every rank of {record.run_id} was stopped; what they wrote is gathered")
         sys.exit(130)
     rank = record.failed_rank
     if rank is None:
-        err.print(f"error: run {run_id} failed ({record.message}); see {run_dir / local.NODE_LOG}")
+        err.print(f"error: run {record.run_id} failed: {record.message}", markup=False)
     else:
-        log = run_dir / plan.ranks[rank].console_log
-        tail = log.read_text(errors="replace").splitlines()[-20:] if log.is_file() else []
-        err.print(f"error: rank {rank} failed (node {plan.ranks[rank].node}, {plan.ranks[rank].host}); "
-                  f"every other rank was stopped. Last lines of {log}:")
-        err.print("\n".join(tail), markup=False)
+        slot = plan.ranks[rank]
+        err.print(f"error: rank {rank} failed (node {slot.node}, {slot.host}); every other rank was stopped. "
+                  f"Last lines of its log:", markup=False)
+        err.print(tail, markup=False)
     sys.exit(1)
 
 
@@ -191,7 +231,7 @@ def status(run: str, runs_dir: str) -> None:
     from launcher.liveview import LiveView
 
     run_dir, record, plan = _open_run(run, runs_dir)
-    alive = procs.run_processes(record.run_id)
+    alive = nodectl.run_processes(record.run_id)
     state = record.state
     if state == "running" and not alive:
         state = "ended without recording its end (launcher was killed?)"
@@ -228,7 +268,7 @@ def logs(run: str, rank: int | None, follow: bool, runs_dir: str) -> None:
             offsets[s.rank] += len(complete)
             for line in complete.decode(errors="replace").splitlines():
                 click.echo(line if rank is not None else f"[rank {s.rank}] {line}")
-        if not follow or not procs.run_processes(record.run_id):
+        if not follow or not nodectl.run_processes(record.run_id):
             break
         time.sleep(0.5)
 
@@ -262,7 +302,7 @@ def down(run: str, runs_dir: str) -> None:
     record = RunRecord.load(run_dir)
     # Every process of the run carries its run id, the node script included; no pid from run.json is
     # trusted, since it may have been reused.
-    left = procs.stop_run(record.run_id)
+    left = nodectl.stop_run(record.run_id)
     if left:
         raise LauncherError(f"processes {left} of {record.run_id} would not stop")
     out.print(f"run {record.run_id}: no process left")

@@ -9,9 +9,11 @@ Layout of runs/<run-id>/ranks/rank_N/:
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,19 +42,26 @@ def rank_dir(rank: int) -> str:
     return f"{RANKS_DIR}/rank_{rank}"
 
 
-def wanted_files(plan: LaunchPlan, workdir: Path) -> list[Wanted]:
-    """Expand the plan's per-rank sources against a local work directory."""
+def wanted_from_paths(plan: LaunchPlan, paths: list[str], ranks=None) -> list[Wanted]:
+    """Map a node's files (paths relative to its work directory) to their places under ranks/rank_N/."""
     out = []
-    for slot in plan.ranks:
-        base = rank_dir(slot.rank)
-        log_glob, console, ckpt_glob, strategy_glob = plan.collect_sources(slot.rank)
+    present = sorted(paths)
+    for rank in ranks if ranks is not None else range(plan.world_size):
+        base = rank_dir(rank)
+        log_glob, console, ckpt_glob, strategy_glob = plan.collect_sources(rank)
         for pattern, sub in ((log_glob, "log"), (ckpt_glob, "checkpoint"), (strategy_glob, "strategy")):
-            for path in sorted(workdir.glob(pattern)):
-                if path.is_file():
-                    out.append(Wanted(slot.rank, str(path.relative_to(workdir)), f"{base}/{sub}/{path.name}"))
-        if (workdir / console).is_file():
-            out.append(Wanted(slot.rank, console, f"{base}/console.log"))
+            for path in fnmatch.filter(present, pattern):
+                out.append(Wanted(rank, path, f"{base}/{sub}/{posixpath.basename(path)}"))
+        if console in present:
+            out.append(Wanted(rank, console, f"{base}/console.log"))
     return out
+
+
+def wanted_files(plan: LaunchPlan, workdir: Path) -> list[Wanted]:
+    """The same, for a local work directory."""
+    output = workdir / "output"
+    paths = [str(p.relative_to(workdir)) for p in output.rglob("*") if p.is_file()] if output.is_dir() else []
+    return wanted_from_paths(plan, paths)
 
 
 def sha256_file(path: Path) -> str:
@@ -90,7 +99,7 @@ def gather_local(plan: LaunchPlan, workdir: Path, run_dir: Path) -> list[Wanted]
 
 def manifest_entries(run_dir: Path) -> dict[str, dict]:
     files = {}
-    for top in (RANKS_DIR, "plan"):
+    for top in (RANKS_DIR, "plan", "nodes"):
         for path in sorted((run_dir / top).rglob("*")):
             if path.is_file() and not path.name.endswith(".partial"):
                 files[str(path.relative_to(run_dir))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
@@ -162,3 +171,12 @@ def plot_losses(curves: dict[int, list[logparse.StepRecord]], out: Path, title: 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)
+
+
+def finish(plan: LaunchPlan, run_dir: Path, record) -> dict:
+    """After the files are in place: manifest.json, summary.json and loss.png."""
+    write_manifest(run_dir)
+    return write_summary(plan, run_dir, {
+        "run_id": record.run_id, "job": record.job_name, "state": record.state, "exit_code": record.exit_code,
+        "failed_rank": record.failed_rank, "message": record.message,
+    })

@@ -47,7 +47,23 @@ class NodeStep:
     host: str
     node_rank: int  # position in the launch order (msrun --node_rank)
     script: str  # artifact path of the node's launch script
+    entry: str  # what the node runs: the launch script, or its docker wrapper
     ranks: tuple[int, ...]
+    # SSH backend: None means "from ~/.ssh/config or the SSH default".
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    workdir: str = ""
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    known_hosts: str | None
+    path_prefix: tuple[str, ...]
+    connect_timeout: float
+    command_timeout: float
+    node_lost_after: float
+    min_free_mb: int
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,7 @@ class LaunchPlan:
     ranks: tuple[RankSlot, ...]
     nodes: tuple[NodeStep, ...]
     artifacts: Mapping[str, str] = field(repr=False)
+    ssh: SshOptions | None = None
 
     @property
     def world_size(self) -> int:
@@ -82,6 +99,7 @@ class LaunchPlan:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "artifacts"}
         data["ranks"] = [asdict(r) for r in self.ranks]
         data["nodes"] = [asdict(n) for n in self.nodes]
+        data["ssh"] = asdict(self.ssh) if self.ssh else None
         return to_json(data)
 
     def write(self, directory: Path) -> None:
@@ -113,11 +131,13 @@ class LaunchPlan:
             for p in sorted(directory.rglob("*"))
             if p.is_file() and p.name != PLAN_FILE
         }
+        ssh = data.pop("ssh", None)
         return cls(
             **{k: v for k, v in data.items() if k not in ("ranks", "nodes")},
             ranks=tuple(RankSlot(**r) for r in data["ranks"]),
             nodes=tuple(NodeStep(**{**n, "ranks": tuple(n["ranks"])}) for n in data["nodes"]),
             artifacts=MappingProxyType(artifacts),
+            ssh=SshOptions(**{**ssh, "path_prefix": tuple(ssh["path_prefix"])}) if ssh else None,
         )
 
 
@@ -209,11 +229,23 @@ def build_plan(job: Job) -> LaunchPlan:
             ranktable_path=RANKTABLE_PATH if servers else None,
             status_dir=STATUS_DIR,
             visible_devices=",".join(str(s.device) for s in node_slots),
+            scheduler=cluster.device == "cpu" and node_rank == 0,
         )
         template = "launch_msrun.sh.j2" if cluster.launch == "msrun" else "launch_ranktable.sh.j2"
         artifacts[script] = render_template(template, **context)
-        steps.append(NodeStep(node_index, cluster.nodes[node_index].host, node_rank, script,
-                              tuple(s.rank for s in node_slots)))
+        entry = script
+        if cluster.runtime == "docker":
+            entry = f"nodes/node-{node_index}/docker-run.sh"
+            artifacts[entry] = render_template("docker_run.sh.j2", **context, script=script,
+                                               image=f"{job.image.name}:{job.image.tag}")
+        node = cluster.nodes[node_index]
+        ssh = cluster.ssh
+        steps.append(NodeStep(
+            index=node_index, host=node.host, node_rank=node_rank, script=script, entry=entry,
+            ranks=tuple(s.rank for s in node_slots),
+            user=node.user or ssh.user, port=node.port, identity_file=node.identity_file or ssh.identity_file,
+            workdir=node.workdir or ssh.workdir,
+        ))
 
     return LaunchPlan(
         job_name=job.name,
@@ -227,4 +259,13 @@ def build_plan(job: Job) -> LaunchPlan:
         ranks=tuple(slots),
         nodes=tuple(steps),
         artifacts=MappingProxyType(dict(sorted(artifacts.items()))),
+        ssh=_ssh_options(job) if cluster.backend == "ssh" else None,
+    )
+
+
+def _ssh_options(job: Job) -> SshOptions:
+    ssh = job.cluster.ssh
+    return SshOptions(
+        known_hosts=ssh.known_hosts, path_prefix=tuple(ssh.path_prefix), connect_timeout=ssh.connect_timeout,
+        command_timeout=ssh.command_timeout, node_lost_after=ssh.node_lost_after, min_free_mb=ssh.min_free_mb,
     )

@@ -87,10 +87,15 @@ def parse_devices(value: Any) -> list[int]:
 
 
 class Node(Strict):
-    host: str
+    host: str = Field(description="address to reach the node (SSH) and, without server_ip, for cluster traffic")
     devices: list[int]
     server_ip: str | None = Field(None, description="server_id in the rank table; default: host if it is an IP")
     device_ips: list[str] | None = None
+    # SSH backend; unset values come from cluster.ssh, then from ~/.ssh/config.
+    user: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    identity_file: str | None = None
+    workdir: str | None = Field(None, description="where runs are staged on this node; default cluster.ssh.workdir")
 
     _parse_devices = field_validator("devices", mode="before")(parse_devices)
 
@@ -119,10 +124,24 @@ class Node(Strict):
             return None
 
 
+class Ssh(Strict):
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = Field(None, description="default ~/.ssh/known_hosts; host keys are always checked")
+    workdir: str = Field("launcher-runs", description="on each node; relative paths are under the SSH user's home")
+    path_prefix: list[str] = Field(default_factory=list, description="prepended to PATH on the nodes (python, msrun)")
+    connect_timeout: float = Field(15, gt=0)
+    command_timeout: float = Field(120, gt=0)
+    node_lost_after: float = Field(30, gt=0, description="seconds without an answer before a node counts as lost")
+    min_free_mb: int = Field(1024, ge=0)
+
+
 class Cluster(Strict):
     backend: Literal["local", "ssh", "k8s"] = "local"
     device: Literal["cpu", "ascend"] = "cpu"
     launch: Literal["msrun", "ranktable"] = "msrun"
+    runtime: Literal["host", "docker"] = Field("host", description="docker: run each node script in the job's image")
+    ssh: Ssh = Ssh()
     devices_per_node: int = Field(8, ge=1, le=16)
     master_port: int = Field(8118, ge=1024, le=65535)
     cluster_time_out: int = Field(600, ge=30, description="msrun --cluster_time_out, seconds")
@@ -261,8 +280,6 @@ def check_job(job: Job) -> None:
         raise _FieldProblem("parallel.micro_batch_num", "must be at least pipeline_stage to fill the pipeline")
     if cluster.backend == "local" and len(cluster.nodes) != 1:
         raise _FieldProblem("cluster.nodes", "the local backend runs one node; use backend ssh or k8s for more")
-    if cluster.device == "cpu" and cluster.launch == "ranktable" and len(cluster.nodes) != 1:
-        raise _FieldProblem("cluster.launch", "rank-table mode on CPU runs on one node only")
 
 
 def _did_you_mean(word: str, choices) -> str:

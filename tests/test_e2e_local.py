@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from conftest import EXAMPLES, LAUNCHER, free_port, run_launcher
-from launcher import gather, procs
+from launcher import gather
+from launcher.entrypoints import nodectl
 from launcher.runs import RunRecord
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +37,7 @@ def only_run(tmp_path) -> Path:
 
 def assert_nothing_left(run_dir: Path):
     record = RunRecord.load(run_dir)
-    assert procs.run_processes(record.run_id) == []
+    assert nodectl.run_processes(record.run_id) == []
 
 
 def assert_lora_checkpoints(run_dir: Path, world: int):
@@ -126,7 +127,7 @@ def test_interrupt_stops_every_process(tmp_path, tiny_dataset, sig):
         pytest.fail("the ranks did not start")
     run_dir = only_run(tmp_path)
     record = RunRecord.load(run_dir)
-    assert len(procs.run_processes(record.run_id)) >= 3  # msrun, scheduler and two workers at least
+    assert len(nodectl.run_processes(record.run_id)) >= 3  # msrun, scheduler and two workers at least
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

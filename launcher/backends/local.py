@@ -16,7 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launcher import gather, procs
+from launcher import gather
+from launcher.entrypoints import nodectl
 from launcher.errors import BackendError
 from launcher.liveview import LiveView, rank_exit_codes
 from launcher.plan import STATUS_DIR, LaunchPlan
@@ -27,9 +28,11 @@ POLL_SECONDS = 0.25
 _MSRUN_WORKER_FAILED = re.compile(r"Worker process (\d+) exit with exception")
 
 
-def node_environment(run_id: str) -> dict[str, str]:
+def node_environment(run_id: str, job_name: str) -> dict[str, str]:
     env = dict(os.environ)
-    env[procs.RUN_ID_VAR] = run_id
+    env[nodectl.RUN_ID_VAR] = run_id
+    env[nodectl.JOB_VAR] = job_name
+    env[nodectl.NODE_VAR] = "0"
     # msrun and the rank-table script start `python` from PATH: it must be this interpreter's.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -42,7 +45,7 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
         proc = subprocess.Popen(
             ["bash", str(run_dir / PLAN_DIR / node.script)],
             cwd=run_dir,
-            env=node_environment(record.run_id),
+            env=node_environment(record.run_id, plan.job_name),
             stdin=subprocess.DEVNULL,
             stdout=node_log,
             stderr=subprocess.STDOUT,
@@ -64,7 +67,7 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
         # A second Ctrl-C or SIGTERM must not cut the teardown short and leave ranks running.
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            left = procs.stop_run(record.run_id, [proc.pid])
+            left = nodectl.stop_run(record.run_id, [proc.pid])
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -113,8 +116,4 @@ def failed_rank(plan: LaunchPlan, workdir: Path) -> int | None:
 
 def gather_run(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> dict:
     gather.gather_local(plan, run_dir, run_dir)
-    gather.write_manifest(run_dir)
-    return gather.write_summary(
-        plan, run_dir, {"run_id": record.run_id, "job": record.job_name, "state": record.state,
-                        "exit_code": record.exit_code, "failed_rank": record.failed_rank},
-    )
+    return gather.finish(plan, run_dir, record)

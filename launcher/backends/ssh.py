@@ -1,0 +1,380 @@
+"""The SSH backend: preflight every node, stage each node's bundle, start detached, watch, tear down, gather.
+
+On each node a run lives in <workdir>/<run-id>/: the plan, start.sh, nodectl.py, node.log, node.pid,
+node.exit and MindFormers' output/. The node script runs in its own session (setsid), so a dropped
+SSH link does not stop the job, and `launcher status|logs|down RUN` can reconnect to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import posixpath
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from launcher import gather, transport
+from launcher.entrypoints import nodectl
+from launcher.errors import BackendError, TransportError
+from launcher.liveview import LiveView
+from launcher.plan import STATUS_DIR, LaunchPlan, NodeStep
+from launcher.render import render_template
+from launcher.runs import PLAN_DIR, RunRecord
+
+NODECTL = "nodectl.py"
+MIRROR_DIR = "mirror"  # local copies of the ranks' progress files, for the live view
+POLL_SECONDS = 1.0
+STOP_GRACE = 10.0
+_NODECTL_SOURCE = Path(nodectl.__file__)
+
+
+@dataclass
+class NodeState:
+    step: NodeStep
+    node: transport.Node | None = None
+    remote_path: str = ""  # PATH on the node, with the job's prefix in front
+    last_ok: float = field(default_factory=time.monotonic)
+    exit_code: int | None = None
+    lost: bool = False
+    offsets: dict[str, int] = field(default_factory=dict)
+
+
+def remote_run_dir(step: NodeStep, run_id: str) -> str:
+    return posixpath.join(step.workdir, run_id)
+
+
+class SshRun:
+    def __init__(self, plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console,
+                 accept_new: bool = False, kill_stale: bool = False):
+        if plan.ssh is None:
+            raise BackendError("this plan was not rendered for the ssh backend")
+        self.plan, self.run_dir, self.record, self.console = plan, run_dir, record, console
+        self.opts = plan.ssh
+        self.accept_new, self.kill_stale = accept_new, kill_stale
+        self.nodes = [NodeState(step) for step in plan.nodes]
+        self.stop_requested = asyncio.Event()
+
+    # --- connections -------------------------------------------------------------------------
+
+    async def connect_all(self) -> None:
+        async def one(state: NodeState) -> None:
+            step = state.step
+            endpoint = transport.Endpoint(step.host, step.port, step.user, step.identity_file)
+            state.node = await transport.connect(endpoint, self.opts.known_hosts, self.opts.connect_timeout,
+                                                 self.opts.command_timeout, self.accept_new)
+            path = (await state.node.run(["printenv", "PATH"], check=False)).strip()
+            state.remote_path = ":".join([*self.opts.path_prefix, path or "/usr/local/bin:/usr/bin:/bin"])
+
+        _, errors = await transport.gather_results(one(s) for s in self.nodes)
+        if errors:
+            self.close()
+            raise BackendError(self._per_node("cannot reach", errors) + "\nnothing was started on any node")
+
+    def close(self) -> None:
+        for state in self.nodes:
+            if state.node:
+                state.node.close()
+
+    def _per_node(self, what: str, errors: list[Exception]) -> str:
+        lines = [f"{what} {len(errors)} of {len(self.nodes)} nodes:"]
+        for err in errors:
+            host = getattr(err, "host", "?")
+            index = next((s.step.index for s in self.nodes if s.step.host == host), "?")
+            detail = err.stderr_tail if isinstance(err, TransportError) else str(err)
+            lines.append(f"  node {index} ({host}): {detail}")
+        return "\n".join(lines)
+
+    async def nodectl(self, state: NodeState, *args: str, timeout: float | None = None) -> dict:
+        script = posixpath.join(state.step.workdir, f".launcher-{NODECTL}")
+        out = await state.node.run(["env", f"PATH={state.remote_path}", "python", script, *args], timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])
+
+    # --- preflight ---------------------------------------------------------------------------
+
+    async def preflight(self) -> None:
+        async def one(state: NodeState) -> dict:
+            node, workdir = state.node, state.step.workdir
+            await node.call(node.sftp.makedirs(workdir, exist_ok=True), f"mkdir {workdir}")
+            await self._put_atomic(node, _NODECTL_SOURCE, posixpath.join(workdir, f".launcher-{NODECTL}"))
+            port = self.plan.master_port if state.step.node_rank == 0 else 0
+            args = ["preflight", "--workdir", workdir, "--job", self.plan.job_name, "--port", str(port),
+                    "--min-free-mb", str(self.opts.min_free_mb)]
+            try:
+                report = await self.nodectl(state, *args)
+            except TransportError as exc:
+                if exc.rc == 127:
+                    raise TransportError(node.host, exc.argv, exc.rc,
+                                         "python is not on PATH; set cluster.ssh.path_prefix") from None
+                raise
+            if report["stale"] and self.kill_stale:
+                left = (await self.nodectl(state, "kill-job", self.plan.job_name, timeout=STOP_GRACE + 30))["left"]
+                report["stale"] = [{"pid": pid, "cmd": "still alive after --kill-stale"} for pid in left]
+            return report
+
+        reports, errors = await transport.gather_results(one(s) for s in self.nodes)
+        problems = []
+        for state, report, failure in zip(self.nodes, reports, _failures_in_order(reports, errors)):
+            where = f"  node {state.step.index} ({state.step.host}): "
+            if failure is not None:
+                detail = failure.stderr_tail if isinstance(failure, TransportError) else str(failure)
+                problems.append(where + detail)
+                continue
+            problems += [where + p for p in self._judge(state, report)]
+        versions = {(r["mindspore"], r["mindformers"]) for r in reports if r}
+        if len(versions) > 1:
+            listing = ", ".join(f"node {s.step.index}: mindspore {r['mindspore']}, mindformers {r['mindformers']}"
+                                for s, r in zip(self.nodes, reports) if r)
+            problems.append(f"  MindSpore/MindFormers versions differ between nodes ({listing})")
+        if problems:
+            raise BackendError("preflight failed; nothing was started on any node:\n" + "\n".join(problems))
+
+    def _judge(self, state: NodeState, report: dict) -> list[str]:
+        problems = []
+        if not report["mindspore"] or not report["mindformers"]:
+            problems.append(f"mindspore/mindformers not installed for {report['python']}; "
+                            "set cluster.ssh.path_prefix to the environment that has them")
+        if self.plan.launch == "msrun" and not report["msrun"]:
+            problems.append("msrun is not on PATH; set cluster.ssh.path_prefix")
+        if not report["workdir_writable"]:
+            problems.append(f"work directory {state.step.workdir} is not writable ({report.get('workdir_error')})")
+        elif not report["enough_room"]:
+            problems.append(f"only {report['free_mb']} MB free in {state.step.workdir}; "
+                            f"{self.opts.min_free_mb} MB needed (cluster.ssh.min_free_mb)")
+        if report["port_free"] is False:
+            problems.append(f"master port {self.plan.master_port} is in use; pick another cluster.master_port")
+        for proc in report["stale"]:
+            problems.append(f"process {proc['pid']} of an earlier run of '{self.plan.job_name}' is alive "
+                            f"({proc['cmd']}); stop it or pass --kill-stale")
+        return problems
+
+    # --- staging and start -------------------------------------------------------------------
+
+    async def _put_atomic(self, node: transport.Node, local: Path, remote: str) -> None:
+        tmp = f"{remote}.tmp"
+        await node.call(node.sftp.put(str(local), tmp, recurse=local.is_dir()), f"put {remote}")
+        await node.call(node.sftp.posix_rename(tmp, remote), f"rename {remote}")
+
+    def render_start_scripts(self) -> None:
+        for state in self.nodes:
+            step = state.step
+            bundle = self.run_dir / "nodes" / f"node-{step.index}" / "bundle"
+            bundle.mkdir(parents=True, exist_ok=True)
+            (bundle / "start.sh").write_text(render_template(
+                "ssh_start.sh.j2", run_id=self.record.run_id, job_name=self.plan.job_name, node=step,
+                path=state.remote_path))
+            (bundle / NODECTL).write_bytes(_NODECTL_SOURCE.read_bytes())
+
+    async def stage_and_start(self) -> None:
+        self.render_start_scripts()
+
+        async def stage(state: NodeState) -> None:
+            node, step = state.node, state.step
+            target = remote_run_dir(step, self.record.run_id)
+            staging = posixpath.join(step.workdir, f".{self.record.run_id}.staging")
+            bundle = self.run_dir / "nodes" / f"node-{step.index}" / "bundle"
+            await node.call(node.sftp.makedirs(staging, exist_ok=True), f"mkdir {staging}")
+            await node.call(node.sftp.put(str(self.run_dir / PLAN_DIR), posixpath.join(staging, PLAN_DIR),
+                                          recurse=True), "put plan")
+            for item in ("start.sh", NODECTL):
+                await node.call(node.sftp.put(str(bundle / item), posixpath.join(staging, item)), f"put {item}")
+            await node.call(node.sftp.posix_rename(staging, target), f"rename {target}")
+
+        _, errors = await transport.gather_results(stage(s) for s in self.nodes)
+        if errors:
+            raise BackendError(self._per_node("could not stage the run on", errors) + "\nnothing was started")
+
+        async def start(state: NodeState) -> None:
+            await state.node.run(["bash", posixpath.join(remote_run_dir(state.step, self.record.run_id), "start.sh")])
+
+        _, errors = await transport.gather_results(start(s) for s in self.nodes)
+        if errors:
+            await self.teardown()
+            raise BackendError(self._per_node("could not start on", errors) + "\nevery node was stopped")
+
+    # --- watching ----------------------------------------------------------------------------
+
+    async def poll(self, state: NodeState, mirror: Path) -> None:
+        """Copy the node's new progress into the local mirror; raises TransportError if the node is silent."""
+        node, base = state.node, remote_run_dir(state.step, self.record.run_id)
+        for rank in state.step.ranks:
+            slot = self.plan.ranks[rank]
+            for rel, append in ((slot.info_log, True), (f"{STATUS_DIR}/rank_{rank}.exit", False)):
+                offset = state.offsets.get(rel, 0) if append else 0
+                data = await node.call(node.read_from(posixpath.join(base, rel), offset), f"read {rel}")
+                if data:
+                    local = mirror / rel
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    with local.open("ab" if append else "wb") as f:
+                        f.write(data)
+                    state.offsets[rel] = offset + len(data)
+        text = await node.call(node.read_from(posixpath.join(base, "node.exit"), 0), "read node.exit")
+        if text.strip():
+            state.exit_code = int(text.strip())
+
+    async def watch(self) -> str:
+        """Until every node ends, one fails, a node is lost, or the user stops. Returns the outcome."""
+        mirror = self.run_dir / MIRROR_DIR
+        with LiveView(self.plan, mirror, self.console, title=self.record.run_id) as view:
+            while not self.stop_requested.is_set():
+                results = await asyncio.gather(*(self.poll(s, mirror) for s in self.nodes if not s.lost),
+                                               return_exceptions=True)
+                now = time.monotonic()
+                for state, result in zip([s for s in self.nodes if not s.lost], results):
+                    if isinstance(result, BaseException):
+                        if now - state.last_ok > self.opts.node_lost_after:
+                            state.lost = True
+                            return "lost"
+                    else:
+                        state.last_ok = now
+                view.update()
+                codes = self.rank_codes(mirror)
+                if any(c != 0 for c in codes.values()) or any(s.exit_code not in (None, 0) for s in self.nodes):
+                    return "failed"
+                if all(s.exit_code == 0 for s in self.nodes):
+                    return "succeeded"
+                try:
+                    await asyncio.wait_for(self.stop_requested.wait(), POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+        return "interrupted"
+
+    def rank_codes(self, mirror: Path) -> dict[int, int]:
+        from launcher.liveview import rank_exit_codes
+
+        return rank_exit_codes(self.plan, mirror)
+
+    # --- teardown and gather -----------------------------------------------------------------
+
+    async def teardown(self) -> list[str]:
+        """Stop the run on every reachable node; returns problems (nodes not reached or not stopped)."""
+
+        async def one(state: NodeState) -> list[int]:
+            return (await self.nodectl(state, "stop", self.record.run_id, "--grace", str(STOP_GRACE),
+                                       timeout=STOP_GRACE + 30))["left"]
+
+        reachable = [s for s in self.nodes if not s.lost and s.node]
+        results, _ = await transport.gather_results(one(s) for s in reachable)
+        problems = []
+        for state, left in zip(reachable, results):
+            if left is None:
+                problems.append(f"node {state.step.index} ({state.step.host}): could not be reached to stop it")
+            elif left:
+                problems.append(f"node {state.step.index} ({state.step.host}): processes {left} would not stop")
+        problems += [f"node {s.step.index} ({s.step.host}) is lost; its processes may still run: "
+                     f"'launcher down {self.record.run_id}' when it is back" for s in self.nodes if s.lost]
+        return problems
+
+    async def gather(self) -> list[str]:
+        """Copy every rank's files from every reachable node, verified by sha256. Returns problems."""
+
+        async def one(state: NodeState) -> None:
+            node, base = state.node, remote_run_dir(state.step, self.record.run_id)
+            patterns = [p for r in state.step.ranks for p in self.plan.collect_sources(r)] + ["node.log"]
+            listing = (await self.nodectl(state, "list-files", base, *patterns, timeout=600))["files"]
+            wanted = gather.wanted_from_paths(self.plan, [f["path"] for f in listing], ranks=state.step.ranks)
+            wanted.append(gather.Wanted(-1, "node.log", f"nodes/node-{state.step.index}/node.log"))
+            remote_sha = {f["path"]: f["sha256"] for f in listing}
+            for item in wanted:
+                if item.source not in remote_sha:
+                    continue
+                await self._fetch(node, posixpath.join(base, item.source), self.run_dir / item.dest,
+                                  remote_sha[item.source])
+
+        reachable = [s for s in self.nodes if not s.lost and s.node]
+        _, errors = await transport.gather_results(one(s) for s in reachable)
+        problems = [line for line in self._per_node("could not gather from", errors).splitlines()[1:]] if errors else []
+        problems += [f"node {s.step.index} ({s.step.host}) is lost; nothing gathered from it"
+                     for s in self.nodes if s.lost]
+        return problems
+
+    async def _fetch(self, node: transport.Node, remote: str, dest: Path, sha: str) -> None:
+        """Download to a .partial name, resuming what an interrupted gather left; rename once the hash matches."""
+        if dest.is_file() and gather.sha256_file(dest) == sha:
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial")
+        for _attempt in range(2):
+            offset = partial.stat().st_size if partial.exists() else 0
+            async with node.sftp.open(remote, "rb") as f:
+                with partial.open("ab") as out:
+                    while chunk := await node.call(f.read(1 << 20, offset), f"read {remote}"):
+                        out.write(chunk)
+                        offset += len(chunk)
+            if gather.sha256_file(partial) == sha:
+                partial.replace(dest)
+                return
+            partial.unlink()  # a stale partial from another version of the file: start over once
+        raise BackendError(f"{node.host}: {remote} does not match its sha256 after download")
+
+    async def tail(self, rank: int, lines: int = 20) -> str:
+        slot = self.plan.ranks[rank]
+        state = next(s for s in self.nodes if rank in s.step.ranks)
+        local = self.run_dir / gather.rank_dir(rank) / "console.log"
+        if local.is_file():
+            return "\n".join(local.read_text(errors="replace").splitlines()[-lines:])
+        if state.lost or not state.node:
+            return "(log not reachable)"
+        data = await state.node.read_from(posixpath.join(remote_run_dir(state.step, self.record.run_id),
+                                                         slot.console_log), 0)
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def _failures_in_order(results: list, errors: list[Exception]) -> list[Exception | None]:
+    it = iter(errors)
+    return [next(it) if r is None else None for r in results]
+
+
+def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console, accept_new: bool,
+            kill_stale: bool) -> tuple[RunRecord, list[str], str]:
+    """Run the plan over SSH. Returns the final record, the problems to report (teardown, gather),
+    and the tail of the failing rank's log."""
+    return asyncio.run(_execute(plan, run_dir, record, console, accept_new, kill_stale))
+
+
+async def _execute(plan, run_dir, record, console, accept_new, kill_stale):
+    run = SshRun(plan, run_dir, record, console, accept_new, kill_stale)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, run.stop_requested.set)
+    try:
+        await run.connect_all()
+        try:
+            await run.preflight()
+            await run.stage_and_start()
+        except BaseException:
+            run.close()
+            raise
+        record.state = "running"
+        record.save(run_dir)
+        try:
+            outcome = await run.watch()
+        finally:
+            problems = await run.teardown()
+        record.finished = time.time()
+        record.state = outcome if outcome != "lost" else "failed"
+        record.exit_code = {"succeeded": 0, "interrupted": 130}.get(outcome, 1)
+        mirror = run_dir / MIRROR_DIR
+        failed = sorted(r for r, c in run.rank_codes(mirror).items() if c != 0)
+        lost = [s for s in run.nodes if s.lost]
+        if outcome == "lost":
+            record.message = "; ".join(f"node {s.step.index} ({s.step.host}) lost: no answer for "
+                                       f"{plan.ssh.node_lost_after:.0f}s" for s in lost)
+        elif outcome == "failed":
+            if failed:
+                record.failed_rank = failed[0]
+            node = next((s for s in run.nodes if s.exit_code not in (None, 0)), None)
+            failing_node = plan.ranks[failed[0]].node if failed else (node.step.index if node else None)
+            record.message = f"node {failing_node} failed"
+        record.save(run_dir)
+        problems += await run.gather()
+        tail = await run.tail(record.failed_rank) if record.failed_rank is not None else ""
+        return record, problems, tail
+    finally:
+        run.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
