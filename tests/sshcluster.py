@@ -54,8 +54,17 @@ class Host:
     def kill(self) -> None:
         """Kill the host's sshd, PID 1 of its PID namespace: every process on the host dies with it."""
         if self.sshd and self.sshd.poll() is None:
+            try:
+                os.kill(self.sshd_pid(), 9)
+            except (IndexError, FileNotFoundError, ProcessLookupError):
+                pass
             self.sshd.kill()
             self.sshd.wait(timeout=10)
+
+    def sshd_pid(self) -> int:
+        """Pid (in this PID namespace) of the host's sshd, PID 1 of the host's own PID namespace."""
+        children = Path(f"/proc/{self.sshd.pid}/task/{self.sshd.pid}/children").read_text().split()
+        return int(children[0])
 
     def cut_link(self) -> None:
         self.exec("ip", "link", "set", self.veth, "down")
@@ -103,7 +112,7 @@ def build(root: Path, count: int) -> Cluster:
             "MaxSessions 64\nMaxStartups 64\n"
         )
         host.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--fork", "--mount-proc",
+            ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
              "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
             stdout=subprocess.DEVNULL, stderr=open(root / f"sshd{i}.log", "w"),
         )

@@ -15,6 +15,7 @@ import yaml
 import sshcluster
 from conftest import EXAMPLES, LAUNCHER, free_port, run_launcher
 from launcher import gather
+from launcher.entrypoints import nodectl
 from launcher.runs import RunRecord
 
 pytestmark = pytest.mark.e2e
@@ -57,17 +58,12 @@ def only_run(tmp_path) -> Path:
     return runs[0]
 
 
-def node_processes(host, run_id) -> list[int]:
-    """Processes of the run on one host, seen from inside its PID namespace."""
-    result = subprocess.run(
-        ["ssh", "-i", str(host_cluster_key(host)), "-o", f"UserKnownHostsFile={host.known_hosts_path}",
-         f"root@{host.address}", f"grep -l LAUNCHER_RUN_ID={run_id} /proc/[0-9]*/environ 2>/dev/null | wc -l"],
-        capture_output=True, text=True, timeout=30)
-    return int(result.stdout.strip() or 0)
-
-
-def host_cluster_key(host):
-    return host.identity_file
+def assert_nothing_left(run_id):
+    # This test runs in the hosts' parent PID namespace, so it sees the processes of every host.
+    deadline = time.monotonic() + 15
+    while nodectl.run_processes(run_id) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert nodectl.run_processes(run_id) == []
 
 
 def assert_lora_checkpoints(run_dir: Path, world: int):
@@ -92,7 +88,134 @@ def test_two_hosts_train_together(tmp_path, cluster, tiny_dataset, launch):
         assert summary["ranks"][rank]["steps"] == 16 and math.isfinite(summary["ranks"][rank]["last_loss"])
     assert gather.verify_manifest(run_dir) == []
     # The scheduler on the first host saw the second host's worker connect from its own address.
-    log = "scheduler.log" if launch == "msrun" else "scheduler.log"
     sched = (tmp_path / "nodes" / "node0" / run_dir.name / "output" /
-             ("msrun_log" if launch == "msrun" else "rank_log") / log).read_text()
+             ("msrun_log" if launch == "msrun" else "rank_log") / "scheduler.log").read_text()
     assert cluster.hosts[1].address in sched
+    assert_nothing_left(run_dir.name)
+
+
+def test_rank_failure_on_second_host(tmp_path, cluster, tiny_dataset):
+    job = write_job(tmp_path, cluster, tiny_dataset, env={"LAUNCHER_FAULT": "1:3"})
+    result = run_launcher("up", job, cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"error: rank 1 failed (node 1, {cluster.hosts[1].address})" in result.stderr
+    assert "LAUNCHER_FAULT: rank 1 fails at step 3" in result.stderr
+    run_dir = only_run(tmp_path)
+    assert_nothing_left(run_dir.name)
+    for rank in (0, 1):
+        assert (run_dir / "ranks" / f"rank_{rank}" / "log" / "info.log").is_file()
+    for node in (0, 1):
+        assert (run_dir / "nodes" / f"node-{node}" / "node.log").is_file()
+    assert RunRecord.load(run_dir).failed_rank == 1
+
+
+def test_lost_host_stops_the_other(tmp_path, cluster, tiny_dataset):
+    job = write_job(tmp_path, cluster, tiny_dataset, node_lost_after=6)
+    proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_ranks(tmp_path, proc)
+    run_dir = only_run(tmp_path)
+    cluster.hosts[1].kill()  # the host's sshd is PID 1 of its PID namespace: everything on it dies
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert f"node 1 ({cluster.hosts[1].address}) lost: no answer for 6s" in stderr
+    assert time.monotonic() - killed < 6 + 15 + 30  # noticed, torn down (grace) and gathered
+    assert_nothing_left(run_dir.name)
+    assert (run_dir / "ranks" / "rank_0" / "log" / "info.log").is_file()
+
+
+def wait_for_ranks(tmp_path, proc, count=2):
+    """Until every node's rank has its MindFormers log (the nodes share this disk)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if len(list((tmp_path / "nodes").glob("node*/*/output/log/rank_*/info.log"))) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    pytest.fail("the ranks did not start")
+
+
+def test_unreachable_host_starts_nothing(tmp_path, cluster, tiny_dataset):
+    job = write_job(tmp_path, cluster, tiny_dataset, connect_timeout=3)
+    data = yaml.safe_load(job.read_text())
+    data["cluster"]["nodes"][1]["host"] = "10.231.0.99"  # on the test bridge, but no host answers
+    job.write_text(yaml.safe_dump(data))
+    result = run_launcher("up", job, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot reach 1 of 2 nodes:" in result.stderr
+    assert "node 1 (10.231.0.99)" in result.stderr
+    assert "nothing was started on any node" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "runs").iterdir())
+    assert not (tmp_path / "nodes" / "node0").exists()
+
+
+def test_host_key_mismatch_is_refused(tmp_path, cluster, tiny_dataset):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    pub = other.with_suffix(".pub").read_text().split()
+    lines = cluster.known_hosts.read_text().splitlines()
+    lines[0] = f"{cluster.hosts[0].address} {pub[0]} {pub[1]}"
+    cluster.known_hosts.write_text("\n".join(lines) + "\n")
+    job = write_job(tmp_path, cluster, tiny_dataset)
+    for extra in ([], ["--accept-new-host-keys"]):  # a changed key is never accepted
+        result = run_launcher("up", job, *extra, cwd=tmp_path)
+        assert result.returncode == 1
+        assert f"node 0 ({cluster.hosts[0].address}): host key does not match" in result.stderr
+        assert "ssh-keygen -R" in result.stderr
+
+
+def test_unknown_host_key_needs_consent(tmp_path, cluster, tiny_dataset):
+    cluster.known_hosts.write_text(cluster.hosts[1].host_key_line + "\n")  # host 0 unknown
+    job = write_job(tmp_path, cluster, tiny_dataset, connect_timeout=5)
+    result = run_launcher("up", job, "--dry-run", "-o", tmp_path / "r", cwd=tmp_path)
+    assert result.returncode == 0
+    refused = run_launcher("up", job, cwd=tmp_path)
+    assert refused.returncode == 1 and "pass --accept-new-host-keys" in refused.stderr
+    assert cluster.hosts[0].address not in cluster.known_hosts.read_text()
+
+
+def test_hostile_paths_and_stale_processes(tmp_path, cluster, tiny_dataset):
+    # An injected command would run in some working directory: the test's, a home, or a work directory.
+    hostile = "we $(touch pwned) 'it\"s' `touch pwned` ; x"
+    dataset_dir = tmp_path / hostile
+    dataset_dir.mkdir()
+    for suffix in ("", ".db"):
+        (dataset_dir / f"tiny.mindrecord{suffix}").write_bytes(Path(f"{tiny_dataset}{suffix}").read_bytes())
+    job = write_job(tmp_path, cluster, dataset_dir / "tiny.mindrecord",
+                    workdirs={0: str(tmp_path / "nodes" / "node0" / hostile)})
+    # A process left by an earlier run of the same job on host 0.
+    stale = subprocess.Popen(["ip", "netns", "exec", cluster.hosts[0].netns, "nsenter",
+                              f"--target={cluster.hosts[0].sshd_pid()}", "--pid", "--mount",
+                              "env", "LAUNCHER_JOB=tiny-lora-ssh", "sleep", "600"])
+    try:
+        time.sleep(1)
+        refused = run_launcher("up", job, cwd=tmp_path)
+        assert refused.returncode == 1
+        assert "of an earlier run of 'tiny-lora-ssh' is alive" in refused.stderr
+        assert "pass --kill-stale" in refused.stderr
+        result = run_launcher("up", job, "--kill-stale", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        stale.wait(timeout=30)  # --kill-stale ended it
+    finally:
+        if stale.poll() is None:
+            stale.kill()
+    run_dir = only_run(tmp_path)
+    assert (tmp_path / "nodes" / "node0" / hostile / run_dir.name / "output" / "log" / "rank_0" / "info.log").is_file()
+    assert gather.verify_manifest(run_dir) == []
+    assert not list(tmp_path.rglob("pwned")) and not Path.home().joinpath("pwned").exists()
+
+
+def test_interrupt_stops_every_host(tmp_path, cluster, tiny_dataset):
+    job = write_job(tmp_path, cluster, tiny_dataset)
+    proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_ranks(tmp_path, proc)
+    run_dir = only_run(tmp_path)
+    assert nodectl.run_processes(run_dir.name)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert_nothing_left(run_dir.name)
+    assert RunRecord.load(run_dir).state == "interrupted"

@@ -200,18 +200,20 @@ class SshRun:
     async def poll(self, state: NodeState, mirror: Path) -> None:
         """Copy the node's new progress into the local mirror; raises TransportError if the node is silent."""
         node, base = state.node, remote_run_dir(state.step, self.record.run_id)
+        # A short timeout per call, so that a silent node is noticed well within node_lost_after.
+        timeout = max(1.0, self.opts.node_lost_after / 3)
         for rank in state.step.ranks:
             slot = self.plan.ranks[rank]
             for rel, append in ((slot.info_log, True), (f"{STATUS_DIR}/rank_{rank}.exit", False)):
                 offset = state.offsets.get(rel, 0) if append else 0
-                data = await node.call(node.read_from(posixpath.join(base, rel), offset), f"read {rel}")
+                data = await node.call(node.read_from(posixpath.join(base, rel), offset), f"read {rel}", timeout)
                 if data:
                     local = mirror / rel
                     local.parent.mkdir(parents=True, exist_ok=True)
                     with local.open("ab" if append else "wb") as f:
                         f.write(data)
                     state.offsets[rel] = offset + len(data)
-        text = await node.call(node.read_from(posixpath.join(base, "node.exit"), 0), "read node.exit")
+        text = await node.call(node.read_from(posixpath.join(base, "node.exit"), 0), "read node.exit", timeout)
         if text.strip():
             state.exit_code = int(text.strip())
 
