@@ -231,15 +231,22 @@ def status(run: str, runs_dir: str) -> None:
     from launcher.liveview import LiveView
 
     run_dir, record, plan = _open_run(run, runs_dir)
-    alive = nodectl.run_processes(record.run_id)
-    state = record.state
-    if state == "running" and not alive:
-        state = "ended without recording its end (launcher was killed?)"
-    out.print(f"run {record.run_id}: {state}" + (f", {len(alive)} processes alive" if alive else ""))
+    out.print(f"run {record.run_id}: {record.state}")
     if record.failed_rank is not None:
         out.print(f"failed rank: {record.failed_rank}")
-    view = LiveView(plan, run_dir, Console(force_terminal=False), record.run_id)
-    view.update()
+    if record.backend == "ssh":
+        from launcher.backends import ssh
+
+        lines, view = ssh.reconnect(plan, run_dir, record, out, "status")
+        for line in lines:
+            out.print(line, markup=False)
+    else:
+        alive = nodectl.run_processes(record.run_id)
+        if record.state == "running" and not alive:
+            out.print("its processes are gone, but the launcher did not record the end (was it killed?)")
+        out.print(f"{len(alive)} processes alive")
+        view = LiveView(plan, run_dir, Console(force_terminal=False), record.run_id)
+        view.update()
     out.print(view.table())
 
 
@@ -255,6 +262,14 @@ def logs(run: str, rank: int | None, follow: bool, runs_dir: str) -> None:
     if rank is not None and not 0 <= rank < plan.world_size:
         raise ConfigError(f"--rank: {rank} is not a rank of this run (0-{plan.world_size - 1})")
     slots = [plan.ranks[rank]] if rank is not None else list(plan.ranks)
+    if record.backend == "ssh":
+        from launcher.backends import ssh
+
+        problems = ssh.reconnect(plan, run_dir, record, out, "logs", ranks=[s.rank for s in slots],
+                                 follow=follow, prefix=rank is None, echo=click.echo)
+        for problem in problems:
+            err.print(f"warning: {problem}", markup=False)
+        return
     offsets = {s.rank: 0 for s in slots}
     while True:
         for s in slots:
@@ -286,7 +301,14 @@ def gather_cmd(run: str, runs_dir: str) -> None:
         problems = gather.verify_manifest(run_dir)
         if problems:
             raise LauncherError("gathered files do not match manifest.json: " + "; ".join(problems[:10]))
-    summary = local.gather_run(plan, run_dir, record)
+    if record.backend == "ssh":
+        from launcher.backends import ssh
+
+        for problem in ssh.reconnect(plan, run_dir, record, out, "gather"):
+            err.print(f"warning: {problem}", markup=False)
+        summary = gather.finish(plan, run_dir, record)
+    else:
+        summary = local.gather_run(plan, run_dir, record)
     files = json.loads((run_dir / gather.MANIFEST).read_text())["files"]
     _print_summary(summary)
     out.print(f"verified {len(files)} files in {run_dir}/")
@@ -294,18 +316,27 @@ def gather_cmd(run: str, runs_dir: str) -> None:
 
 @main.command()
 @click.argument("run")
+@click.option("--purge", is_flag=True, help="ssh: also remove the run's directories on the nodes")
 @runs_option
 @reports_errors
-def down(run: str, runs_dir: str) -> None:
-    """Stop every process of RUN on this machine. Nothing gathered is removed."""
-    run_dir = find_run(run, Path(runs_dir))
-    record = RunRecord.load(run_dir)
-    # Every process of the run carries its run id, the node script included; no pid from run.json is
-    # trusted, since it may have been reused.
-    left = nodectl.stop_run(record.run_id)
-    if left:
-        raise LauncherError(f"processes {left} of {record.run_id} would not stop")
-    out.print(f"run {record.run_id}: no process left")
+def down(run: str, purge: bool, runs_dir: str) -> None:
+    """Stop every process of RUN. Nothing is removed unless --purge is given."""
+    run_dir, record, plan = _open_run(run, runs_dir)
+    if purge and record.backend != "ssh":
+        raise ConfigError("--purge removes node directories of ssh runs; a local run's files are all in its run directory")
+    if record.backend == "ssh":
+        from launcher.backends import ssh
+
+        problems = ssh.reconnect(plan, run_dir, record, out, "down", purge=purge)
+        if problems:
+            raise LauncherError("; ".join(problems))
+    else:
+        # Every process of the run carries its run id, the node script included; no pid from run.json is
+        # trusted, since it may have been reused.
+        left = nodectl.stop_run(record.run_id)
+        if left:
+            raise LauncherError(f"processes {left} of {record.run_id} would not stop")
+    out.print(f"run {record.run_id}: no process left" + (", node directories removed" if purge else ""))
 
 
 @main.group()

@@ -219,3 +219,29 @@ def test_interrupt_stops_every_host(tmp_path, cluster, tiny_dataset):
     assert proc.returncode == 130, stderr
     assert_nothing_left(run_dir.name)
     assert RunRecord.load(run_dir).state == "interrupted"
+
+
+def test_job_outlives_the_launcher_and_can_be_reconnected(tmp_path, cluster, tiny_dataset):
+    job = write_job(tmp_path, cluster, tiny_dataset)
+    proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_ranks(tmp_path, proc)
+    run_dir = only_run(tmp_path)
+    proc.kill()  # the launcher dies (a closed laptop); the nodes keep training
+    proc.wait()
+    status = run_launcher("status", run_dir.name, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert f"node 1 ({cluster.hosts[1].address}): running" in status.stdout
+    follow = run_launcher("logs", run_dir.name, "-f", cwd=tmp_path, timeout=180)
+    assert follow.returncode == 0, follow.stderr
+    assert "[rank 0] " in follow.stdout and "[rank 1] " in follow.stdout
+    gathered = run_launcher("gather", run_dir.name, cwd=tmp_path)
+    assert gathered.returncode == 0, gathered.stderr
+    assert_lora_checkpoints(run_dir, world=2)
+    assert gather.verify_manifest(run_dir) == []
+    remote = tmp_path / "nodes" / "node1" / run_dir.name
+    assert remote.is_dir()
+    down = run_launcher("down", run_dir.name, "--purge", cwd=tmp_path)
+    assert down.returncode == 0, down.stderr
+    assert not remote.exists()
+    assert_nothing_left(run_dir.name)

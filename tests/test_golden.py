@@ -20,6 +20,10 @@ CASES = {
     "tiny-lora-local": "tiny-lora-local.yaml",
     "llama2-7b-lora-1x8-ranktable": "llama2-7b-lora-1x8-ranktable.yaml",
     "qwen1_5-7b-full-2x8-msrun": "qwen1_5-7b-full-2x8-msrun.yaml",
+    "qwen1_5-7b-full-2x8-ranktable": "qwen1_5-7b-full-2x8-ranktable.yaml",
+    "qwen1_5-7b-lora-1x8-ssh": "qwen1_5-7b-lora-1x8-ssh.yaml",
+    "baichuan2-7b-lora-4dev-docker": "baichuan2-7b-lora-4dev-docker.yaml",
+    "tiny-lora-ssh": "tiny-lora-ssh.yaml",
 }
 
 

@@ -121,3 +121,34 @@ def test_plan_is_deterministic_and_round_trips(tmp_path):
     again = LaunchPlan.read(tmp_path / "plan")
     assert again.ranks == first.ranks and again.nodes == first.nodes
     assert dict(again.artifacts) == dict(first.artifacts)
+
+
+def test_docker_runtime_runs_the_node_script_in_the_image(tmp_path):
+    """The docker wrapper's argv, recorded by a stand-in `docker` (no container engine runs here)."""
+    plan = build_plan(parse_job(load("baichuan2-7b-lora-4dev-docker.yaml")))
+    plan.write(tmp_path / "plan")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done > "$ARGV_FILE"\n')
+    (fake / "docker").chmod(0o755)
+    work = tmp_path / "work dir"
+    work.mkdir()
+    import os
+    import subprocess
+
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "ARGV_FILE": str(tmp_path / "argv"),
+           "LAUNCHER_RUN_ID": "r1", "LAUNCHER_JOB": "baichuan2-7b-lora", "LAUNCHER_NODE": "0"}
+    subprocess.run(["bash", str(tmp_path / "plan" / plan.nodes[0].entry)], cwd=work, env=env, check=True)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[:3] == ["run", "--rm", "--name"]
+    assert argv[3] == "launcher-r1-node-0"
+    for flag in ("--ipc=host", "--network=host", "--device=/dev/davinci3", "--device=/dev/davinci_manager",
+                 "--device=/dev/devmm_svm", "--device=/dev/hisi_hdc",
+                 "--volume=/usr/local/Ascend/driver:/usr/local/Ascend/driver:ro",
+                 "--volume=/usr/local/bin/npu-smi:/usr/local/bin/npu-smi:ro",
+                 "--volume=/etc/ascend_install.info:/etc/ascend_install.info:ro",
+                 f"--volume={work}:{work}", f"--workdir={work}", "--env=LAUNCHER_RUN_ID"):
+        assert flag in argv
+    assert "--device=/dev/davinci4" not in argv
+    assert argv[-3:] == ["swr.cn-south-1.myhuaweicloud.com/ascendhub/mindformers:1.8.0-ms2.7.2-cann8.3", "bash",
+                         str(tmp_path / "plan" / "nodes" / "node-0" / "launch.sh")]

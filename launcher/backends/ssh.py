@@ -40,6 +40,7 @@ class NodeState:
     last_ok: float = field(default_factory=time.monotonic)
     exit_code: int | None = None
     lost: bool = False
+    error: Exception | None = None
     offsets: dict[str, int] = field(default_factory=dict)
 
 
@@ -60,19 +61,24 @@ class SshRun:
 
     # --- connections -------------------------------------------------------------------------
 
-    async def connect_all(self) -> None:
-        async def one(state: NodeState) -> None:
+    async def connect_all(self, strict: bool = True) -> None:
+        """Connect to every node. strict: any failure is an error; else unreachable nodes count as lost."""
+        async def one(state: NodeState) -> bool:
             step = state.step
             endpoint = transport.Endpoint(step.host, step.port, step.user, step.identity_file)
             state.node = await transport.connect(endpoint, self.opts.known_hosts, self.opts.connect_timeout,
                                                  self.opts.command_timeout, self.accept_new)
             path = (await state.node.run(["printenv", "PATH"], check=False)).strip()
             state.remote_path = ":".join([*self.opts.path_prefix, path or "/usr/local/bin:/usr/bin:/bin"])
+            return True
 
-        _, errors = await transport.gather_results(one(s) for s in self.nodes)
-        if errors:
+        results, errors = await transport.gather_results(one(s) for s in self.nodes)
+        if errors and strict:
             self.close()
             raise BackendError(self._per_node("cannot reach", errors) + "\nnothing was started on any node")
+        for state, error in zip(self.nodes, _failures_in_order(results, errors)):
+            state.lost = error is not None
+            state.error = error
 
     def close(self) -> None:
         for state in self.nodes:
@@ -325,6 +331,65 @@ class SshRun:
         return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
+    # --- reconnected operations --------------------------------------------------------------
+
+    def unreachable(self) -> list[str]:
+        return [f"node {s.step.index} ({s.step.host}) cannot be reached: "
+                f"{s.error.stderr_tail if isinstance(s.error, TransportError) else s.error}"
+                for s in self.nodes if s.lost]
+
+    async def do_status(self) -> tuple[list[str], LiveView]:
+        """One poll of every node: per-node lines, and a live view filled from the mirror."""
+        mirror = self.run_dir / MIRROR_DIR
+        lines = []
+        for state in self.nodes:
+            if state.lost:
+                continue
+            await self.poll(state, mirror)
+            alive = (await self.nodectl(state, "alive", self.record.run_id))["pids"]
+            ended = "running" if state.exit_code is None else f"ended with code {state.exit_code}"
+            lines.append(f"node {state.step.index} ({state.step.host}): {ended}, {len(alive)} processes alive")
+        view = LiveView(self.plan, mirror, Console(force_terminal=False), self.record.run_id)
+        view.update()
+        return lines + self.unreachable(), view
+
+    async def do_logs(self, ranks: list[int], follow: bool, prefix: bool, echo) -> list[str]:
+        offsets = {r: 0 for r in ranks}
+        while True:
+            for rank in ranks:
+                state = next(s for s in self.nodes if rank in s.step.ranks)
+                if state.lost:
+                    continue
+                path = posixpath.join(remote_run_dir(state.step, self.record.run_id), self.plan.ranks[rank].console_log)
+                data = await state.node.call(state.node.read_from(path, offsets[rank]), f"read {path}")
+                complete = data[: data.rfind(b"\n") + 1] if follow else data
+                offsets[rank] += len(complete)
+                for line in complete.decode(errors="replace").splitlines():
+                    echo(f"[rank {rank}] {line}" if prefix else line)
+            if not follow:
+                break
+            for state in self.nodes:
+                if not state.lost:
+                    text = await state.node.read_from(
+                        posixpath.join(remote_run_dir(state.step, self.record.run_id), "node.exit"), 0)
+                    state.exit_code = int(text) if text.strip() else None
+            if all(s.exit_code is not None for s in self.nodes if not s.lost):
+                break
+            await asyncio.sleep(POLL_SECONDS)
+        return self.unreachable()
+
+    async def do_gather(self) -> list[str]:
+        return self.unreachable() + [p for p in await self.gather() if "is lost" not in p]
+
+    async def do_down(self, purge: bool) -> list[str]:
+        problems = [p for p in await self.teardown() if "is lost" not in p] + self.unreachable()
+        if purge and not problems:
+            for state in self.nodes:
+                target = remote_run_dir(state.step, self.record.run_id)
+                await state.node.call(state.node.sftp.rmtree(target, ignore_errors=True), f"remove {target}")
+        return problems
+
+
 def _failures_in_order(results: list, errors: list[Exception]) -> list[Exception | None]:
     it = iter(errors)
     return [next(it) if r is None else None for r in results]
@@ -380,3 +445,19 @@ async def _execute(plan, run_dir, record, console, accept_new, kill_stale):
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
+
+
+# --- reconnecting to a run: status, logs, gather, down ------------------------------------------
+
+
+def reconnect(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console, action: str, **kwargs):
+    return asyncio.run(_reconnect(plan, run_dir, record, console, action, **kwargs))
+
+
+async def _reconnect(plan, run_dir, record, console, action, **kwargs):
+    run = SshRun(plan, run_dir, record, console)
+    await run.connect_all(strict=False)
+    try:
+        return await getattr(run, f"do_{action}")(**kwargs)
+    finally:
+        run.close()

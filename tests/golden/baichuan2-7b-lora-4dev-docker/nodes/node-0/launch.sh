@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# baichuan2-7b-lora: node 0 (910b-node-3), msrun node_rank 0, global ranks 0-3 of 4.
+# Run it from the node's work directory: MindFormers writes output/ there.
+set -euo pipefail
+plan_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=/dev/null
+source "${plan_dir}/"env/job.env
+mkdir -p output/msrun_log output/launcher
+# msrun numbers devices 0..n-1 on each node; this maps them onto the devices the job names.
+export ASCEND_RT_VISIBLE_DEVICES=0,1,2,3
+exec msrun \
+  --worker_num=4 \
+  --local_worker_num=4 \
+  --node_rank=0 \
+  --master_addr=910b-node-3 \
+  --master_port=8118 \
+  --log_dir=output/msrun_log \
+  --join=True \
+  --cluster_time_out=600 \
+  "${plan_dir}/"entrypoint/finetune.py "${plan_dir}/"mindformers/run.yaml

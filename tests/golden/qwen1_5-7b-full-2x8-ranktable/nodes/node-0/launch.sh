@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# qwen1-5-7b-full-rt: node 0 (10.0.0.11), rank-table mode, global ranks 0-7 of 16.
+# One process per rank, like run_singlenode.sh. Run it from the node's work directory.
+set -euo pipefail
+plan_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=/dev/null
+source "${plan_dir}/"env/job.env
+entrypoint="${plan_dir}/"entrypoint/finetune.py
+config="${plan_dir}/"mindformers/run.yaml
+status_dir=output/launcher
+mkdir -p output/rank_log "${status_dir}"
+export RANK_SIZE=16
+export RANK_TABLE_FILE="${plan_dir}/"ranktable/hccl.json
+
+pids=()
+ranks=()
+RANK_ID=0 DEVICE_ID=0 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_0.log 2>&1 &
+pids+=("$!")
+ranks+=(0)
+RANK_ID=1 DEVICE_ID=1 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_1.log 2>&1 &
+pids+=("$!")
+ranks+=(1)
+RANK_ID=2 DEVICE_ID=2 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_2.log 2>&1 &
+pids+=("$!")
+ranks+=(2)
+RANK_ID=3 DEVICE_ID=3 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_3.log 2>&1 &
+pids+=("$!")
+ranks+=(3)
+RANK_ID=4 DEVICE_ID=4 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_4.log 2>&1 &
+pids+=("$!")
+ranks+=(4)
+RANK_ID=5 DEVICE_ID=5 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_5.log 2>&1 &
+pids+=("$!")
+ranks+=(5)
+RANK_ID=6 DEVICE_ID=6 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_6.log 2>&1 &
+pids+=("$!")
+ranks+=(6)
+RANK_ID=7 DEVICE_ID=7 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_7.log 2>&1 &
+pids+=("$!")
+ranks+=(7)
+
+# Wait for every rank; the first one that fails stops the others.
+while [ "${#pids[@]}" -gt 0 ]; do
+  for i in "${!pids[@]}"; do
+    if kill -0 "${pids[$i]}" 2>/dev/null; then
+      continue
+    fi
+    rc=0
+    wait "${pids[$i]}" || rc=$?
+    echo "${rc}" >"${status_dir}/rank_${ranks[$i]}.exit"
+    unset "pids[$i]"
+    if [ "${rc}" -ne 0 ]; then
+      echo "rank ${ranks[$i]} exited with code ${rc}; stopping the other ranks" >&2
+      kill "${pids[@]}" 2>/dev/null || true
+      wait || true
+      exit "${rc}"
+    fi
+  done
+  sleep 1
+done
