@@ -64,12 +64,17 @@ def wanted_files(plan: LaunchPlan, workdir: Path) -> list[Wanted]:
     return wanted_from_paths(plan, paths)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_of(path: Path):
+    """A sha256 object fed with the file's bytes (more may be added)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_of(path).hexdigest()
 
 
 def copy_verified(src: Path, dest: Path, expected_sha: str | None = None) -> str:

@@ -8,6 +8,7 @@ SSH link does not stop the job, and `launcher status|logs|down RUN` can reconnec
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import posixpath
 import signal
@@ -175,6 +176,11 @@ class SshRun:
             (bundle / NODECTL).write_bytes(_NODECTL_SOURCE.read_bytes())
 
     async def stage_and_start(self) -> None:
+        await self.stage()
+        await self.start()
+
+    async def stage(self) -> None:
+        """Upload each node's bundle to a staging name, then rename it: a node has all of it or none."""
         self.render_start_scripts()
 
         async def stage(state: NodeState) -> None:
@@ -193,10 +199,11 @@ class SshRun:
         if errors:
             raise BackendError(self._per_node("could not stage the run on", errors) + "\nnothing was started")
 
-        async def start(state: NodeState) -> None:
+    async def start(self) -> None:
+        async def one(state: NodeState) -> None:
             await state.node.run(["bash", posixpath.join(remote_run_dir(state.step, self.record.run_id), "start.sh")])
 
-        _, errors = await transport.gather_results(start(s) for s in self.nodes)
+        _, errors = await transport.gather_results(one(s) for s in self.nodes)
         if errors:
             await self.teardown()
             raise BackendError(self._per_node("could not start on", errors) + "\nevery node was stopped")
@@ -306,13 +313,17 @@ class SshRun:
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(f".{dest.name}.partial")
         for _attempt in range(2):
+            # Hash what a previous gather left, then the new bytes as they arrive: the file is read once.
+            digest = gather.sha256_of(partial) if partial.exists() else hashlib.sha256()
             offset = partial.stat().st_size if partial.exists() else 0
             async with node.sftp.open(remote, "rb") as f:
                 with partial.open("ab") as out:
-                    while chunk := await node.call(f.read(1 << 20, offset), f"read {remote}"):
+                    # Large reads: asyncssh splits them into parallel SFTP requests.
+                    while chunk := await node.call(f.read(16 << 20, offset), f"read {remote}"):
                         out.write(chunk)
+                        digest.update(chunk)
                         offset += len(chunk)
-            if gather.sha256_file(partial) == sha:
+            if digest.hexdigest() == sha:
                 partial.replace(dest)
                 return
             partial.unlink()  # a stale partial from another version of the file: start over once
