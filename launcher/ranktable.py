@@ -345,6 +345,8 @@ def servers_from_table(table: dict) -> list[ServerDevices]:
 def merge_files(paths: list[str], devices_per_node: int = 16) -> dict:
     """Merge the tables in `paths` (any order). Every problem of every file is reported together."""
     problems, servers, versions = [], [], set()
+    server_in: dict[str, str] = {}  # server_id -> file
+    ip_in: dict[str, str] = {}  # device_ip -> file
     for path in paths:
         table = read_table(path)
         found = validate(table, devices_per_node, merge_input=True)
@@ -352,7 +354,15 @@ def merge_files(paths: list[str], devices_per_node: int = 16) -> dict:
             problems += [f"{path}: {p}" for p in found]
             continue
         versions.add(table["version"])
-        servers += servers_from_table(table)
+        for server in servers_from_table(table):
+            if server.server_id in server_in:
+                problems.append(f"{path}: server_id {server.server_id} is also in {server_in[server.server_id]}")
+            server_in.setdefault(server.server_id, path)
+            for ip in server.device_ips:
+                if ip in ip_in:
+                    problems.append(f"{path}: device_ip {ip} (server {server.server_id}) is also in {ip_in[ip]}")
+                ip_in.setdefault(ip, path)
+            servers.append(server)
     if len(versions) > 1:
         problems.append("the files mix rank table versions 1.0 and 1.2; merge tables of one version")
     if problems:
