@@ -1,4 +1,5 @@
-"""This node's Ascend NPUs: the device IPs a rank table needs, and the preflight checks of a job.
+"""Ascend servers as rank tables need them (device IPs from hccn_tool or hccn.conf, or an inventory
+of super pods), and the preflight checks of a job on a node.
 
 Parsers of the tools' output are pure functions. The tools run through a runner, any function
 argv -> Result that enforces a timeout: `run_local` here; the SSH backend can pass its own to run
@@ -11,8 +12,11 @@ Output formats, as the public documentation shows them:
 - `hccn_tool -i N -net_health -g` prints `net health status: Success` (or `Fault`, ...) (same tutorial).
 - `npu-smi info`: one table row per NPU (`| NPU  Name | Health | ...`), then a process table with
   `| NPU  Chip | Process id | Process name | Process memory(MB) |` rows, or
-  `No running processes found in NPU N` (https://www.hiascend.com/document/detail/zh/Atlas%20200I%20A2/2520/re/npu/npusmi_007.html
-  and the field list of "npu-smi info" in the Atlas 300I Pro guide, 300Ipro_015.html).
+  `No running processes found in NPU N` (npu-smi reference, "查询基本信息":
+  https://www.hiascend.com/document/detail/zh/Atlas%20200I%20A2/2520/re/npu/npusmi_007.html,
+  and its field list in the Atlas 300I Pro guide, 300Ipro_015.html).
+- super_device_id of an NPU: the SDID field of `npu-smi info -t spod-info -i ID -c CHIP`, super_pod_id:
+  its "Super Pod ID" (CANN HCCL user guide, see launcher/ranktable.py).
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from launcher.errors import ConfigError
 from launcher.ranktable import ServerDevices, single_node_table
+from launcher.spec import parse_devices
 
 DRIVER_DIR = "/usr/local/Ascend/driver"
 HCCN_CONF = "/etc/hccn.conf"
@@ -58,7 +65,10 @@ def run_local(argv: list[str], timeout: float = TIMEOUT_S) -> Result:
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it ended just now
             proc.communicate()
             return Result(None, "")
     return Result(proc.returncode, out)
@@ -171,6 +181,70 @@ def discover(devices: list[int], server_ip: str | None, run: Runner, conf_path: 
     return single_node_table(ServerDevices(sid, tuple(devices), tuple(ips)))
 
 
+# --- inventories (v1.2) ----------------------------------------------------------------------
+
+def servers_from_inventory(data, source: str = "inventory") -> list[ServerDevices]:
+    """The servers of an inventory (YAML) that lists, per server, what hccn_tool and npu-smi report:
+
+        servers:
+          - server_id: 10.0.0.1
+            super_pod_id: "0"              # v1.2 only (Atlas A3)
+            devices: 0-15                  # as in a job file
+            device_ips: [192.168.1.1, ...] # one per device
+            super_device_ids: [0, 1, ...]  # v1.2 only; one per device (npu-smi info -t spod-info: SDID)
+    """
+    entries = data.get("servers") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{source}: needs a 'servers' list; each server has server_id, devices and device_ips")
+    problems, servers = [], []
+    for i, entry in enumerate(entries):
+        where = f"{source}: servers[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a mapping with server_id, devices and device_ips")
+            continue
+        unknown = set(entry) - {"server_id", "super_pod_id", "devices", "device_ips", "super_device_ids"}
+        if unknown:
+            problems.append(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+        if not isinstance(entry.get("server_id"), str) or not entry["server_id"]:
+            problems.append(f"{where}.server_id: give the server's IP (the address the other nodes reach it at)")
+        if entry.get("device_ips") is None:
+            problems.append(f"{where}.device_ips: missing; read them with 'hccn_tool -i N -ip -g' or /etc/hccn.conf")
+        try:
+            devices = tuple(parse_devices(entry.get("devices")))
+        except ValueError as exc:
+            problems.append(f"{where}.devices: {exc}")
+            continue
+        lists = {}
+        for key in ("device_ips", "super_device_ids"):
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, list) or len(value) != len(devices)):
+                problems.append(f"{where}.{key}: give a list of {len(devices)}, one per device")
+            lists[key] = tuple(str(v) for v in value) if isinstance(value, list) else None
+        pod = entry.get("super_pod_id")
+        if (pod is None) != (lists["super_device_ids"] is None):
+            problems.append(f"{where}: a v1.2 server needs both super_pod_id and super_device_ids")
+        servers.append(ServerDevices(str(entry.get("server_id", "")), devices, lists["device_ips"] or (),
+                                     lists["super_device_ids"], None if pod is None else str(pod)))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return servers
+
+
+def read_inventory(path: str | Path) -> list[ServerDevices]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such inventory file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the inventory ({exc.__class__.__name__})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML does not parse{where}") from None
+    return servers_from_inventory(data, str(path))
+
+
 # --- preflight -------------------------------------------------------------------------------
 
 _NPU_ROW = re.compile(r"^\|\s*(\d+)\s+(\S*[A-Za-z]\S*)\s*\|")  # "| 0     910B3     | OK ..."
@@ -200,17 +274,14 @@ def check_npus(text: str, devices: list[int]) -> list[str]:
     problems = []
     for dev in devices:
         if dev not in npus:
-            problems.append(f"device {dev}: npu-smi info does not list it (it lists {_ranges(npus)}); "
+            listed = ", ".join(map(str, sorted(npus)))
+            problems.append(f"device {dev}: npu-smi info does not list it (it lists {listed}); "
                             "use devices of this node in cluster.nodes[].devices")
         elif dev in holders:
             pids = ", ".join(map(str, holders[dev]))
             problems.append(f"device {dev}: held by process {pids} (npu-smi info); "
                             f"stop it ('kill {holders[dev][0]}') or use a free device")
     return problems
-
-
-def _ranges(numbers: set[int]) -> str:
-    return ", ".join(map(str, sorted(numbers)))
 
 
 def check_net_health(dev: int, text: str) -> str | None:

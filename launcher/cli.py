@@ -357,9 +357,9 @@ def ranktable_merge(files: tuple[str, ...], output: str | None, devices_per_node
 @reports_errors
 def ranktable_build(inventory: str, output: str | None) -> None:
     """Write the rank table of an inventory (YAML): v1.2 when its servers have super pods."""
-    from launcher import ranktable
+    from launcher import ascend, ranktable
 
-    _write_table(ranktable.merge_servers(ranktable.read_inventory(inventory)), output)
+    _write_table(ranktable.merge_servers(ascend.read_inventory(inventory)), output)
 
 
 @ranktable_cmd.command("validate")

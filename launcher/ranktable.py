@@ -9,7 +9,7 @@ table orders servers by super_pod_id, then by server_id (string order for both).
 Format: CANN HCCL user guide, "rank table configuration, Atlas A3 training products"
 (https://www.hiascend.com/document/detail/zh/canncommercial/82RC1/hccl/hcclug/hcclug_000014.html).
 
-The host side (reading device IPs with hccn_tool, preflight checks) is in launcher/ascend.py.
+Where the servers come from (hccn_tool, hccn.conf, an inventory of super pods) is launcher/ascend.py.
 """
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from launcher.errors import ConfigError
 from launcher.render import render_template
-from launcher.spec import parse_devices
 
 VERSIONS = ("1.0", "1.2")
 WAIT_TEMPLATE = "wait_ranktable.sh.j2"
@@ -370,68 +367,6 @@ def merge_files(paths: list[str], devices_per_node: int = 16) -> dict:
     if not servers:
         raise ConfigError("give at least one rank table file to merge")
     return merge_servers(servers)
-
-
-def servers_from_inventory(data, source: str = "inventory") -> list[ServerDevices]:
-    """The servers of an inventory (YAML) that lists, per server, what hccn_tool and npu-smi report:
-
-        servers:
-          - server_id: 10.0.0.1
-            super_pod_id: "0"              # v1.2 only (Atlas A3)
-            devices: 0-15                  # as in a job file
-            device_ips: [192.168.1.1, ...] # one per device
-            super_device_ids: [0, 1, ...]  # v1.2 only; one per device (npu-smi info -t spod-info: SDID)
-    """
-    entries = data.get("servers") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{source}: needs a 'servers' list; each server has server_id, devices and device_ips")
-    problems, servers = [], []
-    for i, entry in enumerate(entries):
-        where = f"{source}: servers[{i}]"
-        if not isinstance(entry, dict):
-            problems.append(f"{where}: must be a mapping with server_id, devices and device_ips")
-            continue
-        unknown = set(entry) - {"server_id", "super_pod_id", "devices", "device_ips", "super_device_ids"}
-        if unknown:
-            problems.append(f"{where}: unknown keys {', '.join(sorted(unknown))}")
-        if not isinstance(entry.get("server_id"), str) or not entry["server_id"]:
-            problems.append(f"{where}.server_id: give the server's IP (the address the other nodes reach it at)")
-        if entry.get("device_ips") is None:
-            problems.append(f"{where}.device_ips: missing; read them with 'hccn_tool -i N -ip -g' or /etc/hccn.conf")
-        try:
-            devices = tuple(parse_devices(entry.get("devices")))
-        except ValueError as exc:
-            problems.append(f"{where}.devices: {exc}")
-            continue
-        lists = {}
-        for key in ("device_ips", "super_device_ids"):
-            value = entry.get(key)
-            if value is not None and (not isinstance(value, list) or len(value) != len(devices)):
-                problems.append(f"{where}.{key}: give a list of {len(devices)}, one per device")
-            lists[key] = tuple(str(v) for v in value) if isinstance(value, list) else None
-        pod = entry.get("super_pod_id")
-        if (pod is None) != (lists["super_device_ids"] is None):
-            problems.append(f"{where}: a v1.2 server needs both super_pod_id and super_device_ids")
-        servers.append(ServerDevices(str(entry.get("server_id", "")), devices, lists["device_ips"] or (),
-                                     lists["super_device_ids"], None if pod is None else str(pod)))
-    if problems:
-        raise ConfigError("\n".join(problems))
-    return servers
-
-
-def read_inventory(path: str | Path) -> list[ServerDevices]:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such inventory file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the inventory ({exc.__class__.__name__})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML does not parse{where}") from None
-    return servers_from_inventory(data, str(path))
 
 
 def wait_script(path: str, timeout_s: int = 600, interval_s: float = 2) -> str:

@@ -46,8 +46,11 @@ def npu_smi_info(npus=range(8), holders: dict[int, list[int]] | None = None) -> 
             f"| {0:<25} | {f'0000:{0xC1 + n:02X}:00.0':<13} | {0:<11} {'0    / 0':<17} {hbm:<21}|",
             ROW,
         ]
-    lines += [LINE, "| NPU     Chip              | Process id    | Process name             | Process memory(MB)      |",
-              ROW]
+    lines += [
+        LINE,
+        "| NPU     Chip              | Process id    | Process name             | Process memory(MB)      |",
+        ROW,
+    ]
     for n in npus:
         if n in holders:
             lines += [f"| {n:<7} {0:<17} | {pid:<13} | {'python3':<24} | {36700:<23} |" for pid in holders[n]]

@@ -6,15 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from launcher.ascend import read_inventory, servers_from_inventory
 from launcher.errors import ConfigError
-from launcher.ranktable import (
-    ServerDevices,
-    merge_servers,
-    read_inventory,
-    servers_from_inventory,
-    single_node_table,
-    validate,
-)
+from launcher.ranktable import ServerDevices, merge_servers, single_node_table, validate
 from launcher.render import to_json
 
 HERE = Path(__file__).parent
