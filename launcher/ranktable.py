@@ -47,6 +47,8 @@ def single_node_table(server: ServerDevices, first_rank: int = 0) -> dict:
 
 def merge_servers(servers: list[ServerDevices]) -> dict:
     """One table for the whole cluster, rank_id renumbered from 0 in server order."""
+    if not servers:
+        raise ConfigError("rank table: no servers to put in it")
     dups = [i for i, n in Counter(s.server_id for s in servers).items() if n > 1]
     if dups:
         raise ConfigError(f"rank table: server_id {', '.join(dups)} appears twice")
