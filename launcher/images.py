@@ -1,8 +1,8 @@
 """The image matrix: the MindSpore/MindFormers/CANN/Python combinations that get a container image.
 
-images/matrix.yaml lists them. This module validates every entry (pydantic, then the checks that
-span several fields), computes what the Dockerfile and build-script templates print, and picks the
-container engine that builds them. Templates only print what is computed here.
+images/matrix.yaml lists them. This module loads the matrix and validates every entry: pydantic for
+the shape, then the checks that span several fields (MindSpore/MindFormers compatibility, CANN
+package names, pins). launcher/image_build.py turns an entry into its Dockerfile and build command.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ class ImageEntry(Strict):
     @field_validator("description")
     @classmethod
     def _one_line(cls, v: str) -> str:
-        if "\n" in v or '"' in v or "\\" in v:
-            raise ValueError("write one line without quotes or backslashes")
+        if any(c in v for c in '\n"\\$`'):
+            raise ValueError("write one line without quotes, backslashes, '$' or '`'")
         return v
 
     @field_validator("python")
@@ -189,9 +189,10 @@ def check_cann_files(entry: ImageEntry) -> None:
         rf"^(Ascend-cann-kernels-{soc}_({versions})_linux(-(?P<arch>aarch64|x86_64))?"
         rf"|Ascend-cann-{soc}-ops_({versions})_linux-(?P<arch2>aarch64|x86_64))\.run$"
     )
+    in_name = min(cann_file_versions(cann.version), key=len)
     for field, pattern, example in (
-        ("toolkit", toolkit_re, f"Ascend-cann-toolkit_{cann.version}_linux-{{arch}}.run"),
-        ("kernels", kernels_re, f"Ascend-cann-kernels-{SOC_IN_PACKAGE[entry.soc]}_{cann.version}_linux.run"),
+        ("toolkit", toolkit_re, f"Ascend-cann-toolkit_{in_name}_linux-{{arch}}.run"),
+        ("kernels", kernels_re, f"Ascend-cann-kernels-{SOC_IN_PACKAGE[entry.soc]}_{in_name}_linux.run"),
     ):
         value = getattr(cann, field)
         _check_safe(f"cann.{field}", value)
@@ -245,7 +246,7 @@ def check_entry(entry: ImageEntry) -> None:
         tag = "cp" + entry.python.replace(".", "")
         if not (wheel.startswith("https://") and wheel.endswith(".whl")):
             raise _Problem("mindspore.wheel", "give an https URL of a .whl file")
-        if entry.mindspore.version not in wheel or f"-{tag}-" not in wheel:
+        if f"mindspore-{entry.mindspore.version}-{tag}-" not in wheel:
             raise _Problem("mindspore.wheel", f"the wheel is not MindSpore {entry.mindspore.version} for "
                                               f"Python {entry.python} (its name should hold {tag})")
     mf = entry.mindformers
@@ -290,6 +291,8 @@ def load_matrix(path: str | Path | None = None) -> dict[str, ImageEntry]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such image matrix") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the image matrix ({exc.__class__.__name__})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
