@@ -53,7 +53,8 @@ def to_json(data) -> str:
 @cache
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
+        # templates/ holds the job's artifacts, images/ the Dockerfile templates of the image matrix.
+        loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(data_dir(name))) for name in ("templates", "images")]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,

@@ -18,7 +18,9 @@ def test_wheel_renders_in_a_clean_virtualenv(tmp_path):
     for shipped in ("launcher/_data/templates/launch_msrun.sh.j2",
                     "launcher/_data/configs/mindformers/qwen1_5_7b/full.yaml",
                     "launcher/_data/configs/data/tiny_corpus.txt",
-                    "launcher/entrypoints/finetune.py"):
+                    "launcher/entrypoints/finetune.py",
+                    "launcher/_data/images/matrix.yaml",
+                    "launcher/_data/images/Dockerfile.j2"):
         assert shipped in names
 
     env_dir = tmp_path / "venv"
@@ -35,3 +37,11 @@ def test_wheel_renders_in_a_clean_virtualenv(tmp_path):
     golden = Path(__file__).parent / "golden" / "qwen1_5-7b-full-2x8-msrun"
     for rel in ("mindformers/run.yaml", "nodes/node-1/launch.sh", "env/job.env", "plan.json"):
         assert (out / rel).read_text() == (golden / rel).read_text(), rel
+
+    # The image templates are found in the wheel too.
+    entry = "ms2.7.2-mf1.8.0-cann8.5.0-py3.11-910b"
+    result = subprocess.run([str(env_dir / "bin" / "launcher"), "image", "render", entry, "-o", str(tmp_path / "image")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("Dockerfile", "build.sh"):
+        assert (tmp_path / "image" / name).read_text() == (golden.parent / "images" / entry / name).read_text()

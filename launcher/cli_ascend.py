@@ -1,0 +1,243 @@
+"""Commands for Ascend hosts: rank tables, the node preflight, and container images of the version matrix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from launcher.console import err, out, reports_errors
+from launcher.errors import ConfigError, LauncherError
+from launcher.spec import load_job
+
+
+# --- rank tables and the Ascend preflight -----------------------------------------------------
+
+
+@click.group("ranktable")
+def ranktable_cmd() -> None:
+    """Make, merge and check HCCL rank tables (v1.0, and v1.2 for Atlas A3 super pods)."""
+
+
+def _write_table(table: dict, output: str | None) -> None:
+    from launcher.render import to_json
+
+    if not output:
+        click.echo(to_json(table), nl=False)
+        return
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(to_json(table))
+    ranks = sum(len(s["device"]) for s in table["server_list"])
+    out.print(f"wrote {output}: rank table {table['version']}, {table['server_count']} servers, {ranks} ranks")
+
+
+def _device_list(text: str) -> list[int]:
+    from launcher.spec import parse_devices
+
+    try:
+        if text.replace(",", "").replace(" ", "").isdigit():
+            return [int(d) for d in text.split(",")]
+        return parse_devices(text)
+    except ValueError as exc:
+        raise ConfigError(f"--devices: {exc}") from None
+
+
+@ranktable_cmd.command("discover")
+@click.option("--server-ip", help="this host's IP as the other nodes reach it (default: its hostname's IP)")
+@click.option("--devices", default="0-7", show_default=True, help="devices of this host: 0-7, [0,8) or 0,1,2")
+@click.option("--hccn-conf", default="/etc/hccn.conf", show_default=True,
+              help="where to read device IPs when hccn_tool is not on PATH")
+@click.option("--timeout", default=30.0, show_default=True, help="seconds each hccn_tool call may take")
+@click.option("-o", "--output", help="file to write (default: standard output)")
+@reports_errors
+def ranktable_discover(server_ip: str | None, devices: str, hccn_conf: str, timeout: float,
+                       output: str | None) -> None:
+    """Write this host's single-node v1.0 rank table, with device IPs from hccn_tool (or hccn.conf)."""
+    import ipaddress
+
+    from launcher import ascend
+
+    table = ascend.discover(_device_list(devices), server_ip, ascend.local_runner(timeout), hccn_conf)
+    if server_ip and ipaddress.ip_address(server_ip).is_loopback:
+        err.print(f"warning: server_id {server_ip} is a loopback address; other nodes cannot reach it",
+                  markup=False)
+    _write_table(table, output)
+
+
+@ranktable_cmd.command("merge")
+@click.argument("files", nargs=-1, required=True)
+@click.option("-o", "--output", help="file to write (default: standard output)")
+@click.option("--devices-per-node", default=16, show_default=True, type=click.IntRange(1, 64))
+@reports_errors
+def ranktable_merge(files: tuple[str, ...], output: str | None, devices_per_node: int) -> None:
+    """Merge per-node rank tables (in any order) into one: servers in string order of server_id
+    (v1.2: by super pod, then server_id), rank_id renumbered from 0."""
+    from launcher import ranktable
+
+    _write_table(ranktable.merge_files(list(files), devices_per_node), output)
+
+
+@ranktable_cmd.command("build")
+@click.argument("inventory")
+@click.option("-o", "--output", help="file to write (default: standard output)")
+@reports_errors
+def ranktable_build(inventory: str, output: str | None) -> None:
+    """Write the rank table of an inventory (YAML): v1.2 when its servers have super pods."""
+    from launcher import ascend, ranktable
+
+    _write_table(ranktable.merge_servers(ascend.read_inventory(inventory)), output)
+
+
+@ranktable_cmd.command("validate")
+@click.argument("file")
+@click.option("--devices-per-node", default=16, show_default=True, type=click.IntRange(1, 64))
+@reports_errors
+def ranktable_validate(file: str, devices_per_node: int) -> None:
+    """Check a v1.0 or v1.2 rank table; print every problem with its JSON path (exit 2) or "valid"."""
+    from launcher import ranktable
+
+    table = ranktable.read_table(file)
+    problems = ranktable.validate(table, devices_per_node)
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        sys.exit(2)
+    ranks = sum(len(s["device"]) for s in table["server_list"])
+    out.print(f"valid: rank table {table['version']}, {table['server_count']} servers, {ranks} ranks")
+
+
+@click.command("preflight")
+@click.argument("job_file", metavar="JOB")
+@click.option("--node", type=int, help="index in cluster.nodes of this machine (default: the node whose host "
+                                       "names this machine)")
+@click.option("--driver-dir", default="/usr/local/Ascend/driver", show_default=True)
+@click.option("--timeout", default=30.0, show_default=True, help="seconds each npu-smi/hccn_tool call may take")
+@reports_errors
+def preflight_cmd(job_file: str, node: int | None, driver_dir: str, timeout: float) -> None:
+    """Check this node for JOB on Ascend: driver, free NPUs, and (multi-node) each NPU's network health."""
+    from launcher import ascend
+
+    job = load_job(job_file)
+    nodes = job.cluster.nodes
+    if job.cluster.device != "ascend":
+        out.print(f"cluster.device is {job.cluster.device}: there is no Ascend preflight to run")
+        return
+    if node is None:
+        node = 0 if len(nodes) == 1 else ascend.this_node([n.host for n in nodes])
+        if node is None:
+            raise ConfigError("cannot tell which node of cluster.nodes this machine is; pass --node INDEX")
+    if not 0 <= node < len(nodes):
+        raise ConfigError(f"--node: {node} is not a node of this job (0-{len(nodes) - 1})")
+    devices = nodes[node].devices
+    problems = ascend.preflight(devices, len(nodes) > 1, ascend.local_runner(timeout), driver_dir)
+    where = f"node {node} ({nodes[node].host})"
+    if problems:
+        err.print(f"preflight failed on {where}: {len(problems)} problem(s)", markup=False)
+        for problem in problems:
+            err.print(f"  {problem}", markup=False)
+        sys.exit(1)
+    out.print(f"preflight passed on {where}: devices {', '.join(map(str, devices))}")
+
+# ---- container images of the Ascend version matrix (images/matrix.yaml) ----------------------
+# Imports stay inside the commands: the other commands do not need them.
+
+@click.group()
+@click.option("--matrix", "matrix_file", metavar="FILE", help="image matrix to use (default: the shipped one)")
+@click.pass_context
+def image(ctx: click.Context, matrix_file: str | None) -> None:
+    """Container images for the MindSpore/MindFormers/CANN combinations of the image matrix.
+
+    \b
+    launcher image list                     the entries of the matrix
+    launcher image render ENTRY -o DIR      write DIR/Dockerfile and DIR/build.sh
+    launcher image build ENTRY              build it with docker, buildah or podman
+    """
+    ctx.obj = matrix_file
+
+
+@image.command("list")
+@click.pass_obj
+@reports_errors
+def image_list(matrix_file: str | None) -> None:
+    """Show the entries of the image matrix."""
+    from launcher.image_build import entry_rows
+    from launcher.images import load_matrix
+
+    rows = entry_rows(load_matrix(matrix_file))
+    table = Table(title="image matrix")
+    for column in rows[0]:
+        table.add_column(column, no_wrap=column == "id", overflow="fold")
+    for row in rows:
+        table.add_row(*row.values())
+    out.print(table)
+
+
+@image.command("render")
+@click.argument("entry_id", metavar="ENTRY")
+@click.option("-o", "--output", required=True, help="directory to write Dockerfile and build.sh into")
+@click.pass_obj
+@reports_errors
+def image_render(matrix_file: str | None, entry_id: str, output: str) -> None:
+    """Write the Dockerfile of ENTRY and the build.sh that builds it."""
+    from launcher.image_build import build_script, dockerfile, required_files
+    from launcher.images import get_entry, load_matrix
+
+    entry = get_entry(load_matrix(matrix_file), entry_id)
+    target = Path(output)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "Dockerfile").write_text(dockerfile(entry))
+        (target / "build.sh").write_text(build_script(entry))
+        (target / "build.sh").chmod(0o755)
+    except OSError as exc:
+        raise ConfigError(f"-o: cannot write to {target}: {exc.strerror}") from None
+    out.print(f"wrote {target}/Dockerfile and {target}/build.sh")
+    for arch in entry.arch:
+        if required_files(entry, arch):
+            out.print(f"{arch} builds need in the build context: {', '.join(required_files(entry, arch))}")
+
+
+@image.command("build")
+@click.argument("entry_id", metavar="ENTRY")
+@click.option("--context", "context_dir", default=".", show_default=True,
+              help="build context (the folder with the CANN packages, if the image installs them)")
+@click.option("--arch", help="aarch64 or x86_64 (default: this machine's)")
+@click.option("--tag", help="image tag (default: ascend-mindformers:ENTRY)")
+@click.option("--timeout", default=4 * 3600, show_default=True, help="seconds before the build is stopped")
+@click.pass_obj
+@reports_errors
+def image_build(matrix_file: str | None, entry_id: str, context_dir: str, arch: str | None, tag: str | None,
+                timeout: int) -> None:
+    """Build ENTRY with the first of docker, buildah and podman found on PATH, showing its progress."""
+    import platform
+    import subprocess
+    import tempfile
+
+    from launcher import image_build as ib
+    from launcher.images import get_entry, load_matrix
+
+    entry = get_entry(load_matrix(matrix_file), entry_id)
+    engine = ib.find_engine()
+    if engine is None:
+        raise LauncherError(f"no container engine found on PATH: install {', '.join(ib.ENGINES[:-1])} or {ib.ENGINES[-1]}")
+    arch = ib.host_arch(arch or platform.machine())
+    context = Path(context_dir).resolve()
+    ib.check_build_inputs(entry, arch, context)
+    tag = tag or ib.DEFAULT_TAG.format(id=entry.id)
+    with tempfile.TemporaryDirectory(prefix="launcher-image-") as tmp:
+        dockerfile_path = Path(tmp) / "Dockerfile"
+        dockerfile_path.write_text(ib.dockerfile(entry))
+        build = ib.build_command(entry, engine, arch, dockerfile_path, context, tag)
+        out.print(f"building {tag} for {arch} with {build.engine}: {' '.join(build.argv)}")
+        try:
+            rc = subprocess.run(build.argv, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            raise LauncherError(f"{build.engine} did not finish building {entry.id} in {timeout} s; "
+                                "it was stopped (raise --timeout)") from None
+        except OSError as exc:
+            raise LauncherError(f"cannot run {engine}: {exc.strerror}") from None
+    if rc != 0:
+        raise LauncherError(f"{build.engine} failed to build {entry.id} (exit code {rc}); its output is above")
+    out.print(f"built {tag}")
