@@ -24,7 +24,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -103,12 +102,15 @@ def parse_hccn_conf(text: str) -> dict[int, str]:
 
 
 def device_ips(devices: list[int], run: Runner, conf_path: str = HCCN_CONF) -> list[str]:
-    """Each device's NIC IP, from hccn_tool, or from the hccn.conf file where hccn_tool is missing."""
+    """Each device's NIC IP, from hccn_tool, or from the hccn.conf file where hccn_tool is missing.
+
+    Everything goes through the runner, so the same code reads a remote node over SSH."""
     problems, ips = [], []
-    if shutil.which("hccn_tool"):
+    first = run(["hccn_tool", "-i", str(devices[0]), "-ip", "-g"]) if devices else Result(0, "")
+    if first.rc != NOT_FOUND:
         for dev in devices:
             argv = ["hccn_tool", "-i", str(dev), "-ip", "-g"]
-            result = run(argv)
+            result = first if dev == devices[0] else run(argv)
             ip = parse_hccn_ip(result.out) if result.rc == 0 else None
             if ip is None:
                 why = _failed(argv, result, "add the driver's tools to PATH") or f"'{' '.join(argv)}' printed no ipaddr"
@@ -116,11 +118,11 @@ def device_ips(devices: list[int], run: Runner, conf_path: str = HCCN_CONF) -> l
                                 f"'hccn_tool -i {dev} -ip -s address IP netmask MASK'")
             ips.append(ip)
     else:
-        try:
-            conf = parse_hccn_conf(Path(conf_path).read_text())
-        except OSError:
+        result = run(["cat", conf_path])
+        if result.rc != 0:
             raise ConfigError(f"hccn_tool is not on PATH and {conf_path} cannot be read; add the driver's tools "
-                              "(/usr/local/Ascend/driver/tools) to PATH or point --hccn-conf at the file") from None
+                              "(/usr/local/Ascend/driver/tools) to PATH or point --hccn-conf at the file")
+        conf = parse_hccn_conf(result.out)
         for dev in devices:
             if dev not in conf:
                 problems.append(f"device {dev}: {conf_path} has no address_{dev}=IP line")

@@ -104,6 +104,8 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_ho
         if local:
             check_local_host(spec)
         plan = build_plan(spec)
+        if _needs_device_ips(spec):
+            plan = build_plan(_with_discovered_ips(spec, plan, Path(runs_dir), accept_new_host_keys))
     if plan.backend == "k8s":
         raise ConfigError("cluster.backend: the k8s backend is not available in this version; "
                           "use 'launcher render' to review the artifacts")
@@ -112,6 +114,23 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_ho
         _run_ssh(plan, run_dir, record, accept_new_host_keys, kill_stale)
     else:
         _run_local(plan, run_dir, record)
+
+
+def _needs_device_ips(job: Job) -> bool:
+    cluster = job.cluster
+    return (cluster.backend == "ssh" and cluster.device == "ascend" and cluster.launch == "ranktable"
+            and any(n.device_ips is None for n in cluster.nodes))
+
+
+def _with_discovered_ips(job: Job, plan: LaunchPlan, runs_dir: Path, accept_new: bool) -> Job:
+    """Read the missing device IPs from the nodes, so that the plan can carry the merged rank table."""
+    from launcher.backends import ssh
+
+    out.print("reading device IPs from the nodes (hccn_tool or /etc/hccn.conf) ...")
+    found = ssh.discover_device_ips(plan, runs_dir, accept_new)
+    nodes = [n if n.device_ips else n.model_copy(update={"device_ips": found[i]})
+             for i, n in enumerate(job.cluster.nodes)]
+    return job.model_copy(update={"cluster": job.cluster.model_copy(update={"nodes": nodes})})
 
 
 def _new_run(plan: LaunchPlan, runs_dir: Path) -> tuple[Path, RunRecord]:

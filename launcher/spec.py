@@ -246,7 +246,8 @@ def check_job(job: Job) -> None:
                 f"{len(node.device_ips)} device_ips for {len(node.devices)} devices; give one per device, in order",
             )
         if cluster.device == "ascend" and cluster.launch == "ranktable":
-            if node.device_ips is None:
+            # Over SSH the launcher reads missing device IPs from the nodes before it plans.
+            if node.device_ips is None and cluster.backend != "ssh":
                 raise _FieldProblem(
                     f"{where}.device_ips",
                     "launch: ranktable on Ascend needs the device IPs of every device "

@@ -57,6 +57,18 @@ class Node:
             raise TransportError(self.host, argv, result.exit_status, str(result.stderr)[-2000:])
         return str(result.stdout)
 
+    async def run_result(self, argv: list[str], timeout: float | None = None) -> tuple[int | None, str]:
+        """(exit status, stdout and stderr) of argv; status None when it did not end in time."""
+        command = " ".join(shlex.quote(a) for a in argv)
+        try:
+            result = await asyncio.wait_for(self.conn.run(command, check=False, stderr=asyncssh.STDOUT),
+                                            timeout or self.timeout)
+        except asyncio.TimeoutError:
+            return None, ""
+        except (OSError, asyncssh.Error) as exc:
+            raise TransportError(self.host, argv, None, str(exc)) from None
+        return result.exit_status, str(result.stdout)
+
     async def call(self, coro, what: str, timeout: float | None = None):
         """Await an SFTP call with the node's timeout, turning failures into TransportError."""
         try:

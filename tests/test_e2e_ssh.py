@@ -245,3 +245,51 @@ def test_job_outlives_the_launcher_and_can_be_reconnected(tmp_path, cluster, tin
     assert down.returncode == 0, down.stderr
     assert not remote.exists()
     assert_nothing_left(run_dir.name)
+
+
+FAKE_HCCN_TOOL = """#!/usr/bin/env bash
+# Fake hccn_tool: "-i N -ip -g" prints the real tool's format, with an address made from the host's own.
+last=$(hostname -I | awk '{print $1}' | cut -d. -f4)
+if [ "$3" = "-ip" ]; then printf 'ipaddr:192.168.%s.%s\\nnetmask:255.255.255.0\\n' "$2" "$last"; fi
+if [ "$3" = "-net_health" ]; then echo "net health status: Success"; fi
+"""
+
+
+def ascend_job(tmp_path, cluster, dataset, fake_bin):
+    job = write_job(tmp_path, cluster, dataset, launch="ranktable")
+    data = yaml.safe_load(job.read_text())
+    data["cluster"]["device"] = "ascend"
+    data["cluster"]["ssh"]["path_prefix"] = [str(fake_bin), VENV_BIN]
+    job.write_text(yaml.safe_dump(data))
+    return job
+
+
+def test_ascend_rank_table_is_discovered_and_preflight_runs_on_every_host(tmp_path, cluster, tiny_dataset):
+    """Stand-ins for the NPU tools (no NPU here) on the hosts' PATH; everything else is real SSH."""
+    from test_ascend import FAKE_NPU_SMI, npu_smi_info
+
+    from launcher.backends import ssh
+    from launcher.plan import build_plan
+    from launcher.spec import load_job
+
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "hccn_tool").write_text(FAKE_HCCN_TOOL)
+    (fake / "npu-smi").write_text(FAKE_NPU_SMI.format(sleep=""))
+    (fake / "npu-smi.out").write_text(npu_smi_info(holders={0: [4242]}))
+    for tool in ("hccn_tool", "npu-smi"):
+        (fake / tool).chmod(0o755)
+    job = ascend_job(tmp_path, cluster, tiny_dataset, fake)
+
+    spec = load_job(job)
+    found = ssh.discover_device_ips(build_plan(spec), tmp_path, accept_new=False)
+    assert found == {0: ["192.168.0.11"], 1: ["192.168.0.12"]}
+
+    result = run_launcher("up", job, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "reading device IPs from the nodes" in result.stdout
+    assert "preflight failed; nothing was started on any node" in result.stderr
+    for i, host in enumerate(cluster.hosts):
+        assert f"node {i} ({host.address}): /usr/local/Ascend/driver is missing" in result.stderr
+        assert f"node {i} ({host.address}): device 0: held by process 4242 (npu-smi info)" in result.stderr
+    assert not list((tmp_path / "runs").iterdir())

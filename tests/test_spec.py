@@ -95,11 +95,14 @@ def test_duplicate_hosts():
 
 def test_ranktable_on_ascend_needs_device_ips():
     data = job_with(parallel__data_parallel=2)
-    data["cluster"].update(device="ascend", launch="ranktable", backend="ssh")
+    data["cluster"].update(device="ascend", launch="ranktable", backend="k8s")
     data["cluster"]["nodes"] = [{"host": "10.0.0.1", "devices": [0, 1], "device_ips": ["192.168.0.1"]}]
     assert "cluster.nodes[0].device_ips: 1 device_ips for 2 devices" in error_of(data)
     data["cluster"]["nodes"][0].pop("device_ips")
     assert "cluster.nodes[0].device_ips: launch: ranktable on Ascend needs the device IPs" in error_of(data)
+    # Over SSH they may be left out: the launcher reads them from the nodes.
+    data["cluster"]["backend"] = "ssh"
+    assert parse_job(data).cluster.nodes[0].device_ips is None
 
 
 def test_cpu_refuses_model_parallel():

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launcher import gather, transport
+from launcher import ascend, gather, transport
 from launcher.entrypoints import nodectl
-from launcher.errors import BackendError, TransportError
+from launcher.errors import BackendError, ConfigError, TransportError
 from launcher.liveview import LiveView
 from launcher.plan import STATUS_DIR, LaunchPlan, NodeStep
 from launcher.render import render_template
@@ -100,6 +100,33 @@ class SshRun:
         out = await state.node.run(["env", f"PATH={state.remote_path}", "python", script, *args], timeout=timeout)
         return json.loads(out.strip().splitlines()[-1])
 
+    def runner(self, state: NodeState) -> ascend.Runner:
+        """A blocking runner over this node's connection, for the Ascend checks (run in a worker thread)."""
+        loop = asyncio.get_running_loop()
+        env = ["env", f"PATH={state.remote_path}"]
+
+        def run(argv: list[str]) -> ascend.Result:
+            rc, out = asyncio.run_coroutine_threadsafe(
+                state.node.run_result(env + argv, timeout=ascend.TIMEOUT_S), loop).result()
+            return ascend.Result(rc, out)
+
+        return run
+
+    async def discover_device_ips(self) -> dict[int, list[str]]:
+        """Each node's device IPs (hccn_tool, or /etc/hccn.conf), read over SSH; every failure reported together."""
+
+        async def one(state: NodeState) -> list[str]:
+            devices = [self.plan.ranks[r].device for r in state.step.ranks]
+            try:
+                return await asyncio.to_thread(ascend.device_ips, devices, self.runner(state))
+            except ConfigError as exc:
+                raise TransportError(state.step.host, ["hccn_tool"], None, str(exc).replace("\n", "; ")) from None
+
+        results, errors = await transport.gather_results(one(s) for s in self.nodes)
+        if errors:
+            raise BackendError(self._per_node("cannot read the device IPs of", errors))
+        return {s.step.index: ips for s, ips in zip(self.nodes, results)}
+
     # --- preflight ---------------------------------------------------------------------------
 
     async def preflight(self) -> None:
@@ -117,6 +144,10 @@ class SshRun:
                     raise TransportError(node.host, exc.argv, exc.rc,
                                          "python is not on PATH; set cluster.ssh.path_prefix") from None
                 raise
+            if self.plan.device == "ascend":
+                devices = [self.plan.ranks[r].device for r in state.step.ranks]
+                report["ascend"] = await asyncio.to_thread(
+                    ascend.preflight, devices, len(self.nodes) > 1, self.runner(state))
             if report["stale"] and self.kill_stale:
                 left = (await self.nodectl(state, "kill-job", self.plan.job_name, timeout=STOP_GRACE + 30))["left"]
                 report["stale"] = [{"pid": pid, "cmd": "still alive after --kill-stale"} for pid in left]
@@ -153,6 +184,7 @@ class SshRun:
                             f"{self.opts.min_free_mb} MB needed (cluster.ssh.min_free_mb)")
         if report["port_free"] is False:
             problems.append(f"master port {self.plan.master_port} is in use; pick another cluster.master_port")
+        problems += report.get("ascend", [])
         for proc in report["stale"]:
             problems.append(f"process {proc['pid']} of an earlier run of '{self.plan.job_name}' is alive "
                             f"({proc['cmd']}); stop it or pass --kill-stale")
@@ -472,3 +504,18 @@ async def _reconnect(plan, run_dir, record, console, action, **kwargs):
         return await getattr(run, f"do_{action}")(**kwargs)
     finally:
         run.close()
+
+
+def discover_device_ips(plan: LaunchPlan, run_dir: Path, accept_new: bool) -> dict[int, list[str]]:
+    """Connect to every node of a plan and read its device IPs (for rank-table mode without them)."""
+
+    async def go():
+        run = SshRun(plan, run_dir, RunRecord("discover", plan.job_name, "ssh", "starting", time.time()),
+                     Console(quiet=True), accept_new)
+        await run.connect_all()
+        try:
+            return await run.discover_device_ips()
+        finally:
+            run.close()
+
+    return asyncio.run(go())
