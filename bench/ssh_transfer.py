@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,13 @@ async def launcher_gather(run: SshRun) -> float:
     return elapsed
 
 
+def busy_seconds() -> float:
+    """CPU time the whole machine has spent busy (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def scp_argv(cluster, host, remote: str, local: Path) -> list[str]:
     return ["scp", "-q", "-i", str(cluster.identity_file), "-o", f"UserKnownHostsFile={cluster.known_hosts}",
             f"root@{host.address}:{remote}", str(local)]
@@ -90,9 +98,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ssh-bench-"))
     cluster = sshcluster.build(work / "cluster", 8)
     try:
-        times = {n: asyncio.run(fan_out(cluster, n, work)) for n in (1, 4, 8)}
-        for n, t in times.items():
-            print(f"fan-out {n} node(s): connect + preflight + staging {t:.2f}s")
+        times = {}
+        for n in (1, 4, 8):
+            before = busy_seconds()
+            times[n] = asyncio.run(fan_out(cluster, n, work))
+            busy = busy_seconds() - before
+            # Here every "node" shares this machine's cores with the launcher: show how busy they were.
+            print(f"fan-out {n} node(s): connect + preflight + staging {times[n]:.2f}s "
+                  f"(CPU busy {busy:.2f}s of {times[n] * os.cpu_count():.2f}s available)")
         print(f"fan-out ratio 8 / 1: {times[8] / times[1]:.2f}  (goal: 2 or less)")
 
         hosts = cluster.hosts[:4]

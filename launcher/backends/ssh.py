@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncssh
 from rich.console import Console
 
 from launcher import ascend, gather, transport
@@ -30,6 +31,8 @@ NODECTL = "nodectl.py"
 MIRROR_DIR = "mirror"  # local copies of the ranks' progress files, for the live view
 POLL_SECONDS = 1.0
 STOP_GRACE = 10.0
+_FETCH_CHUNK = 32 << 20
+_BLOCK = 255 << 10  # the largest read OpenSSH's sftp-server answers in one request
 _NODECTL_SOURCE = Path(nodectl.__file__)
 
 
@@ -321,15 +324,21 @@ class SshRun:
         async def one(state: NodeState) -> None:
             node, base = state.node, remote_run_dir(state.step, self.record.run_id)
             patterns = [p for r in state.step.ranks for p in self.plan.collect_sources(r)] + ["node.log"]
-            listing = (await self.nodectl(state, "list-files", base, *patterns, timeout=600))["files"]
-            wanted = gather.wanted_from_paths(self.plan, [f["path"] for f in listing], ranks=state.step.ranks)
-            wanted.append(gather.Wanted(-1, "node.log", f"nodes/node-{state.step.index}/node.log"))
-            remote_sha = {f["path"]: f["sha256"] for f in listing}
-            for item in wanted:
-                if item.source not in remote_sha:
-                    continue
-                await self._fetch(node, posixpath.join(base, item.source), self.run_dir / item.dest,
-                                  remote_sha[item.source])
+            listing = (await self.nodectl(state, "list-files", "--no-hash", base, *patterns))["files"]
+            # The node hashes its files while they are already being downloaded.
+            hashing = asyncio.ensure_future(self.nodectl(state, "list-files", base, *patterns, timeout=3600))
+            try:
+                paths = [f["path"] for f in listing]
+                wanted = gather.wanted_from_paths(self.plan, paths, ranks=state.step.ranks)
+                if "node.log" in paths:
+                    wanted.append(gather.Wanted(-1, "node.log", f"nodes/node-{state.step.index}/node.log"))
+                for item in wanted:
+                    try:
+                        await self._fetch(node, base, item.source, self.run_dir / item.dest, hashing)
+                    except (OSError, asyncssh.Error) as exc:
+                        raise TransportError(node.host, ["get", item.source], None, str(exc)) from None
+            finally:
+                hashing.cancel()
 
         reachable = [s for s in self.nodes if not s.lost and s.node]
         _, errors = await transport.gather_results(one(s) for s in reachable)
@@ -338,9 +347,16 @@ class SshRun:
                      for s in self.nodes if s.lost]
         return problems
 
-    async def _fetch(self, node: transport.Node, remote: str, dest: Path, sha: str) -> None:
-        """Download to a .partial name, resuming what an interrupted gather left; rename once the hash matches."""
-        if dest.is_file() and gather.sha256_file(dest) == sha:
+    async def _fetch(self, node: transport.Node, base: str, source: str, dest: Path,
+                     hashing: asyncio.Future) -> None:
+        """Download base/source to a .partial name, resuming what an interrupted gather left; rename it
+        once its sha256 matches the one the node computed (the `hashing` listing)."""
+        remote = posixpath.join(base, source)
+
+        async def node_sha() -> str:
+            return next(f["sha256"] for f in (await hashing)["files"] if f["path"] == source)
+
+        if dest.is_file() and gather.sha256_file(dest) == await node_sha():
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(f".{dest.name}.partial")
@@ -348,14 +364,15 @@ class SshRun:
             # Hash what a previous gather left, then the new bytes as they arrive: the file is read once.
             digest = gather.sha256_of(partial) if partial.exists() else hashlib.sha256()
             offset = partial.stat().st_size if partial.exists() else 0
-            async with node.sftp.open(remote, "rb") as f:
+            # Large reads, each split by asyncssh into many requests in flight; written in order, so the
+            # partial file is always a complete prefix that a later gather can resume from.
+            async with node.sftp.open(remote, "rb", block_size=_BLOCK, max_requests=64) as f:
                 with partial.open("ab") as out:
-                    # Large reads: asyncssh splits them into parallel SFTP requests.
-                    while chunk := await node.call(f.read(16 << 20, offset), f"read {remote}"):
-                        out.write(chunk)
-                        digest.update(chunk)
+                    while chunk := await node.call(f.read(_FETCH_CHUNK, offset), f"read {remote}"):
+                        # Off the event loop (both release the GIL), so other nodes' downloads go on meanwhile.
+                        await asyncio.to_thread(_write_and_hash, out, digest, chunk)
                         offset += len(chunk)
-            if digest.hexdigest() == sha:
+            if digest.hexdigest() == await node_sha():
                 partial.replace(dest)
                 return
             partial.unlink()  # a stale partial from another version of the file: start over once
@@ -431,6 +448,11 @@ class SshRun:
                 target = remote_run_dir(state.step, self.record.run_id)
                 await state.node.call(state.node.sftp.rmtree(target, ignore_errors=True), f"remove {target}")
         return problems
+
+
+def _write_and_hash(out, digest, chunk: bytes) -> None:
+    out.write(chunk)
+    digest.update(chunk)
 
 
 def _failures_in_order(results: list, errors: list[Exception]) -> list[Exception | None]:

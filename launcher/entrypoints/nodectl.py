@@ -97,15 +97,18 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def list_files(root, patterns):
-    """Files under root matching any glob (relative paths), with size and sha256."""
+def list_files(root, patterns, with_hash=True):
+    """Files under root matching any glob (relative paths), with size and (unless told not to) sha256."""
     out = []
     for base, _dirs, files in os.walk(root):
         for name in files:
             path = os.path.join(base, name)
             rel = os.path.relpath(path, root)
             if any(fnmatch.fnmatch(rel, p) for p in patterns):
-                out.append({"path": rel, "size": os.path.getsize(path), "sha256": sha256_file(path)})
+                entry = {"path": rel, "size": os.path.getsize(path)}
+                if with_hash:
+                    entry["sha256"] = sha256_file(path)
+                out.append(entry)
     return sorted(out, key=lambda f: f["path"])
 
 
@@ -177,6 +180,7 @@ def main(argv=None):
     p = sub.add_parser("alive", help="pids of a run's processes")
     p.add_argument("run_id")
     p = sub.add_parser("list-files")
+    p.add_argument("--no-hash", action="store_true", help="sizes only (fast)")
     p.add_argument("root")
     p.add_argument("patterns", nargs="+")
     args = parser.parse_args(argv)
@@ -190,7 +194,7 @@ def main(argv=None):
     elif args.command == "alive":
         result = {"pids": run_processes(args.run_id)}
     else:
-        result = {"files": list_files(args.root, args.patterns)}
+        result = {"files": list_files(args.root, args.patterns, with_hash=not args.no_hash)}
     print(json.dumps(result))
 
 
