@@ -15,7 +15,7 @@ from rich.table import Table
 
 from launcher import cli_ascend, gather
 from launcher.entrypoints import nodectl
-from launcher.errors import ConfigError, LauncherError
+from launcher.errors import BackendError, ConfigError, LauncherError
 from launcher.plan import LaunchPlan, build_plan
 from launcher.runs import PLAN_DIR, RunRecord, find_run, new_run_id
 from launcher.spec import Job, check_local_host, load_job, port_is_free, resolve_local_paths
@@ -103,6 +103,8 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_ho
         spec, local = _load(job)
         if local:
             check_local_host(spec)
+            if spec.cluster.device == "ascend":
+                _ascend_preflight_here(spec)
         plan = build_plan(spec)
         if _needs_device_ips(spec):
             plan = build_plan(_with_discovered_ips(spec, plan, Path(runs_dir), accept_new_host_keys))
@@ -114,6 +116,14 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_ho
         _run_ssh(plan, run_dir, record, accept_new_host_keys, kill_stale)
     else:
         _run_local(plan, run_dir, record)
+
+
+def _ascend_preflight_here(job: Job) -> None:
+    from launcher import ascend
+
+    problems = ascend.preflight(job.cluster.nodes[0].devices, False, ascend.local_runner(ascend.TIMEOUT_S))
+    if problems:
+        raise BackendError("preflight failed on this machine; nothing was started:\n  " + "\n  ".join(problems))
 
 
 def _needs_device_ips(job: Job) -> bool:

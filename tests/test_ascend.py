@@ -253,3 +253,23 @@ def test_cli_node_choice(tmp_path, args, message):
     result = run_launcher("preflight", TWO_NODES, *args, env={**os.environ, "PATH": SYSTEM_PATH})
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_local_up_on_ascend_runs_the_preflight_first(tmp_path):
+    """`launcher up` with device ascend on the local backend stops at the preflight here (no NPU driver)."""
+    import yaml
+
+    from conftest import EXAMPLES, free_port, run_launcher
+
+    data = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
+    data["cluster"].update(device="ascend", master_port=free_port())
+    dataset = tmp_path / "tiny.mindrecord"
+    dataset.write_bytes(b"placeholder: the preflight fails before anything reads it")
+    data["dataset"]["path"] = str(dataset)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(data))
+    result = run_launcher("up", job, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "preflight failed on this machine; nothing was started" in result.stderr
+    assert "/usr/local/Ascend/driver is missing" in result.stderr
+    assert not (tmp_path / "runs").exists()
