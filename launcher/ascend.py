@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
 
 from launcher.errors import ConfigError
 from launcher.ranktable import ServerDevices, single_node_table
-from launcher.spec import parse_devices
+from launcher.spec import parse_devices, read_yaml_file
 
 DRIVER_DIR = "/usr/local/Ascend/driver"
 HCCN_CONF = "/etc/hccn.conf"
@@ -233,18 +232,7 @@ def servers_from_inventory(data, source: str = "inventory") -> list[ServerDevice
 
 
 def read_inventory(path: str | Path) -> list[ServerDevices]:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such inventory file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the inventory ({exc.__class__.__name__})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML does not parse{where}") from None
-    return servers_from_inventory(data, str(path))
+    return servers_from_inventory(read_yaml_file(path, "inventory file"), str(path))
 
 
 # --- preflight -------------------------------------------------------------------------------

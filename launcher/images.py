@@ -12,11 +12,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import ConfigError
 from launcher.render import data_dir
+from launcher.spec import read_yaml_file
 
 PLATFORMS = {"aarch64": "linux/arm64", "x86_64": "linux/amd64"}
 RUN_USER = "HwHiAiUser"  # the NPU driver's default running user and group
@@ -287,16 +287,7 @@ def matrix_path() -> Path:
 def load_matrix(path: str | Path | None = None) -> dict[str, ImageEntry]:
     """Entries by id, in file order. Any problem is one ConfigError naming the entry and field."""
     path = Path(path) if path else matrix_path()
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such image matrix") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the image matrix ({exc.__class__.__name__})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML does not parse{where}: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml_file(path, "image matrix")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or set(data) != {"images"}:
         raise ConfigError(f"{path}: the matrix must be a mapping with one key, 'images', holding a list of entries")
     if not data["images"]:

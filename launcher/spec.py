@@ -347,22 +347,26 @@ def parse_job(data: Any, source: str = "job") -> Job:
         raise ConfigError(f"{source}: {_first_error(err)}") from None
 
 
-def load_job(path: str | Path) -> Job:
+def read_yaml_file(path: str | Path, what: str):
+    """The parsed content of a YAML input file, or one ConfigError naming the file and the problem."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such job file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the job file ({exc.__class__.__name__})") from None
+        raise ConfigError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.__class__.__name__})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: YAML does not parse{where}: {problem}") from None
-    return parse_job(data, str(path))
+
+
+def load_job(path: str | Path) -> Job:
+    return parse_job(read_yaml_file(path, "job file"), str(path))
 
 
 def resolve_local_paths(job: Job, base: Path) -> Job:

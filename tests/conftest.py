@@ -43,3 +43,26 @@ def tiny_dataset(tmp_path_factory) -> Path:
     result = run_launcher("dataset", "tiny", path)
     assert result.returncode == 0, result.stderr
     return path
+
+
+def only_run(tmp_path) -> Path:
+    """The one run directory a test made under tmp_path/runs."""
+    runs = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def assert_lora_checkpoints(run_dir: Path, world: int):
+    """Each rank's gathered checkpoint loads with MindSpore and holds finite LoRA A and B weights."""
+    import math
+
+    import mindspore as ms
+
+    for rank in range(world):
+        ckpts = sorted((run_dir / "ranks" / f"rank_{rank}" / "checkpoint").glob("*.ckpt"))
+        assert len(ckpts) == 1, ckpts
+        params = ms.load_checkpoint(str(ckpts[0]))
+        assert any("lora_a" in n for n in params) and any("lora_b" in n for n in params), ckpts[0].name
+        for name in params:
+            if "lora_a" in name or "lora_b" in name:
+                assert math.isfinite(float(params[name].asnumpy().sum()))

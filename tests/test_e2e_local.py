@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import EXAMPLES, LAUNCHER, free_port, run_launcher
+from conftest import EXAMPLES, LAUNCHER, assert_lora_checkpoints, free_port, only_run, run_launcher
 from launcher import gather
 from launcher.entrypoints import nodectl
 from launcher.runs import RunRecord
@@ -29,10 +29,6 @@ def write_job(tmp_path, dataset, env=None, **cluster):
     return path
 
 
-def only_run(tmp_path) -> Path:
-    runs = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
 
 
 def assert_nothing_left(run_dir: Path):
@@ -40,17 +36,6 @@ def assert_nothing_left(run_dir: Path):
     assert nodectl.run_processes(record.run_id) == []
 
 
-def assert_lora_checkpoints(run_dir: Path, world: int):
-    import mindspore as ms
-
-    for rank in range(world):
-        ckpts = sorted((run_dir / "ranks" / f"rank_{rank}" / "checkpoint").glob("*.ckpt"))
-        assert len(ckpts) == 1, ckpts
-        params = ms.load_checkpoint(str(ckpts[0]))
-        lora = [name for name in params if "lora_a" in name or "lora_b" in name]
-        assert lora, f"no LoRA parameters in {ckpts[0].name}"
-        for name in lora:
-            assert math.isfinite(float(params[name].asnumpy().sum()))
 
 
 @pytest.mark.parametrize("launch", ["msrun", "ranktable"])

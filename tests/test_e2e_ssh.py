@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import sshcluster
-from conftest import EXAMPLES, LAUNCHER, free_port, run_launcher
+from conftest import EXAMPLES, LAUNCHER, assert_lora_checkpoints, free_port, only_run, run_launcher
 from launcher import gather
 from launcher.entrypoints import nodectl
 from launcher.runs import RunRecord
@@ -52,10 +52,6 @@ def write_job(tmp_path, cluster, dataset, launch="msrun", env=None, workdirs=Non
     return path
 
 
-def only_run(tmp_path) -> Path:
-    runs = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 def assert_nothing_left(run_id):
@@ -66,14 +62,6 @@ def assert_nothing_left(run_id):
     assert nodectl.run_processes(run_id) == []
 
 
-def assert_lora_checkpoints(run_dir: Path, world: int):
-    import mindspore as ms
-
-    for rank in range(world):
-        ckpts = sorted((run_dir / "ranks" / f"rank_{rank}" / "checkpoint").glob("*.ckpt"))
-        assert len(ckpts) == 1, ckpts
-        params = ms.load_checkpoint(str(ckpts[0]))
-        assert any("lora_a" in n for n in params) and any("lora_b" in n for n in params)
 
 
 @pytest.mark.parametrize("launch", ["msrun", "ranktable"])
