@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import sshcluster  # noqa: E402  (the test hosts, shared with the end-to-end tests)
 from rich.console import Console  # noqa: E402
 
+from launcher.backends import ssh_gather, ssh_preflight  # noqa: E402
 from launcher.backends.ssh import SshRun, remote_run_dir  # noqa: E402
 from launcher.plan import build_plan  # noqa: E402
 from launcher.runs import PLAN_DIR, RunRecord  # noqa: E402
@@ -59,7 +60,7 @@ async def fan_out(cluster, n: int, work: Path) -> float:
     run = new_run(make_plan(cluster, cluster.hosts[:n], work), work, f"fanout-{n}")
     start = time.perf_counter()
     await run.connect_all()
-    await run.preflight()
+    await ssh_preflight.preflight(run)
     await run.stage()
     elapsed = time.perf_counter() - start
     run.close()
@@ -69,7 +70,7 @@ async def fan_out(cluster, n: int, work: Path) -> float:
 async def launcher_gather(run: SshRun) -> float:
     start = time.perf_counter()
     await run.connect_all()
-    problems = await run.gather()
+    problems = await ssh_gather.gather(run)
     elapsed = time.perf_counter() - start
     run.close()
     assert not problems, problems

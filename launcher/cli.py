@@ -134,10 +134,10 @@ def _needs_device_ips(job: Job) -> bool:
 
 def _with_discovered_ips(job: Job, plan: LaunchPlan, runs_dir: Path, accept_new: bool) -> Job:
     """Read the missing device IPs from the nodes, so that the plan can carry the merged rank table."""
-    from launcher.backends import ssh
+    from launcher.backends import ssh_preflight
 
     out.print("reading device IPs from the nodes (hccn_tool or /etc/hccn.conf) ...")
-    found = ssh.discover_device_ips(plan, runs_dir, accept_new)
+    found = ssh_preflight.discover_device_ips(plan, runs_dir, accept_new)
     nodes = [n if n.device_ips else n.model_copy(update={"device_ips": found[i]})
              for i, n in enumerate(job.cluster.nodes)]
     return job.model_copy(update={"cluster": job.cluster.model_copy(update={"nodes": nodes})})

@@ -256,7 +256,7 @@ def test_ascend_rank_table_is_discovered_and_preflight_runs_on_every_host(tmp_pa
     """Stand-ins for the NPU tools (no NPU here) on the hosts' PATH; everything else is real SSH."""
     from test_ascend import FAKE_NPU_SMI, npu_smi_info
 
-    from launcher.backends import ssh
+    from launcher.backends import ssh_preflight
     from launcher.plan import build_plan
     from launcher.spec import load_job
 
@@ -270,7 +270,7 @@ def test_ascend_rank_table_is_discovered_and_preflight_runs_on_every_host(tmp_pa
     job = ascend_job(tmp_path, cluster, tiny_dataset, fake)
 
     spec = load_job(job)
-    found = ssh.discover_device_ips(build_plan(spec), tmp_path, accept_new=False)
+    found = ssh_preflight.discover_device_ips(build_plan(spec), tmp_path, accept_new=False)
     assert found == {0: ["192.168.0.11"], 1: ["192.168.0.12"]}
 
     result = run_launcher("up", job, cwd=tmp_path)

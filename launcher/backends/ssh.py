@@ -8,7 +8,6 @@ SSH link does not stop the job, and `launcher status|logs|down RUN` can reconnec
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import posixpath
 import signal
@@ -16,12 +15,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncssh
 from rich.console import Console
 
-from launcher import ascend, gather, transport
+from launcher import gather, transport
 from launcher.entrypoints import nodectl
-from launcher.errors import BackendError, ConfigError, TransportError
+from launcher.errors import BackendError, TransportError
 from launcher.liveview import LiveView
 from launcher.plan import STATUS_DIR, LaunchPlan, NodeStep
 from launcher.render import render_template
@@ -31,9 +29,7 @@ NODECTL = "nodectl.py"
 MIRROR_DIR = "mirror"  # local copies of the ranks' progress files, for the live view
 POLL_SECONDS = 1.0
 STOP_GRACE = 10.0
-_FETCH_CHUNK = 32 << 20
-_BLOCK = 255 << 10  # the largest read OpenSSH's sftp-server answers in one request
-_NODECTL_SOURCE = Path(nodectl.__file__)
+NODECTL_SOURCE = Path(nodectl.__file__)
 
 
 @dataclass
@@ -79,8 +75,8 @@ class SshRun:
         results, errors = await transport.gather_results(one(s) for s in self.nodes)
         if errors and strict:
             self.close()
-            raise BackendError(self._per_node("cannot reach", errors) + "\nnothing was started on any node")
-        for state, error in zip(self.nodes, _failures_in_order(results, errors)):
+            raise BackendError(self.per_node("cannot reach", errors) + "\nnothing was started on any node")
+        for state, error in zip(self.nodes, failures_in_order(results, errors)):
             state.lost = error is not None
             state.error = error
 
@@ -89,7 +85,7 @@ class SshRun:
             if state.node:
                 state.node.close()
 
-    def _per_node(self, what: str, errors: list[Exception]) -> str:
+    def per_node(self, what: str, errors: list[Exception]) -> str:
         lines = [f"{what} {len(errors)} of {len(self.nodes)} nodes:"]
         for err in errors:
             host = getattr(err, "host", "?")
@@ -103,99 +99,9 @@ class SshRun:
         out = await state.node.run(["env", f"PATH={state.remote_path}", "python", script, *args], timeout=timeout)
         return json.loads(out.strip().splitlines()[-1])
 
-    def runner(self, state: NodeState) -> ascend.Runner:
-        """A blocking runner over this node's connection, for the Ascend checks (run in a worker thread)."""
-        loop = asyncio.get_running_loop()
-        env = ["env", f"PATH={state.remote_path}"]
-
-        def run(argv: list[str]) -> ascend.Result:
-            rc, out = asyncio.run_coroutine_threadsafe(
-                state.node.run_result(env + argv, timeout=ascend.TIMEOUT_S), loop).result()
-            return ascend.Result(rc, out)
-
-        return run
-
-    async def discover_device_ips(self) -> dict[int, list[str]]:
-        """Each node's device IPs (hccn_tool, or /etc/hccn.conf), read over SSH; every failure reported together."""
-
-        async def one(state: NodeState) -> list[str]:
-            devices = [self.plan.ranks[r].device for r in state.step.ranks]
-            try:
-                return await asyncio.to_thread(ascend.device_ips, devices, self.runner(state))
-            except ConfigError as exc:
-                raise TransportError(state.step.host, ["hccn_tool"], None, str(exc).replace("\n", "; ")) from None
-
-        results, errors = await transport.gather_results(one(s) for s in self.nodes)
-        if errors:
-            raise BackendError(self._per_node("cannot read the device IPs of", errors))
-        return {s.step.index: ips for s, ips in zip(self.nodes, results)}
-
-    # --- preflight ---------------------------------------------------------------------------
-
-    async def preflight(self) -> None:
-        async def one(state: NodeState) -> dict:
-            node, workdir = state.node, state.step.workdir
-            await node.call(node.sftp.makedirs(workdir, exist_ok=True), f"mkdir {workdir}")
-            await self._put_atomic(node, _NODECTL_SOURCE, posixpath.join(workdir, f".launcher-{NODECTL}"))
-            port = self.plan.master_port if state.step.node_rank == 0 else 0
-            args = ["preflight", "--workdir", workdir, "--job", self.plan.job_name, "--port", str(port),
-                    "--min-free-mb", str(self.opts.min_free_mb)]
-            try:
-                report = await self.nodectl(state, *args)
-            except TransportError as exc:
-                if exc.rc == 127:
-                    raise TransportError(node.host, exc.argv, exc.rc,
-                                         "python is not on PATH; set cluster.ssh.path_prefix") from None
-                raise
-            if self.plan.device == "ascend":
-                devices = [self.plan.ranks[r].device for r in state.step.ranks]
-                report["ascend"] = await asyncio.to_thread(
-                    ascend.preflight, devices, len(self.nodes) > 1, self.runner(state))
-            if report["stale"] and self.kill_stale:
-                left = (await self.nodectl(state, "kill-job", self.plan.job_name, timeout=STOP_GRACE + 30))["left"]
-                report["stale"] = [{"pid": pid, "cmd": "still alive after --kill-stale"} for pid in left]
-            return report
-
-        reports, errors = await transport.gather_results(one(s) for s in self.nodes)
-        problems = []
-        for state, report, failure in zip(self.nodes, reports, _failures_in_order(reports, errors)):
-            where = f"  node {state.step.index} ({state.step.host}): "
-            if failure is not None:
-                detail = failure.stderr_tail if isinstance(failure, TransportError) else str(failure)
-                problems.append(where + detail)
-                continue
-            problems += [where + p for p in self._judge(state, report)]
-        versions = {(r["mindspore"], r["mindformers"]) for r in reports if r}
-        if len(versions) > 1:
-            listing = ", ".join(f"node {s.step.index}: mindspore {r['mindspore']}, mindformers {r['mindformers']}"
-                                for s, r in zip(self.nodes, reports) if r)
-            problems.append(f"  MindSpore/MindFormers versions differ between nodes ({listing})")
-        if problems:
-            raise BackendError("preflight failed; nothing was started on any node:\n" + "\n".join(problems))
-
-    def _judge(self, state: NodeState, report: dict) -> list[str]:
-        problems = []
-        if not report["mindspore"] or not report["mindformers"]:
-            problems.append(f"mindspore/mindformers not installed for {report['python']}; "
-                            "set cluster.ssh.path_prefix to the environment that has them")
-        if self.plan.launch == "msrun" and not report["msrun"]:
-            problems.append("msrun is not on PATH; set cluster.ssh.path_prefix")
-        if not report["workdir_writable"]:
-            problems.append(f"work directory {state.step.workdir} is not writable ({report.get('workdir_error')})")
-        elif not report["enough_room"]:
-            problems.append(f"only {report['free_mb']} MB free in {state.step.workdir}; "
-                            f"{self.opts.min_free_mb} MB needed (cluster.ssh.min_free_mb)")
-        if report["port_free"] is False:
-            problems.append(f"master port {self.plan.master_port} is in use; pick another cluster.master_port")
-        problems += report.get("ascend", [])
-        for proc in report["stale"]:
-            problems.append(f"process {proc['pid']} of an earlier run of '{self.plan.job_name}' is alive "
-                            f"({proc['cmd']}); stop it or pass --kill-stale")
-        return problems
-
     # --- staging and start -------------------------------------------------------------------
 
-    async def _put_atomic(self, node: transport.Node, local: Path, remote: str) -> None:
+    async def put_atomic(self, node: transport.Node, local: Path, remote: str) -> None:
         tmp = f"{remote}.tmp"
         await node.call(node.sftp.put(str(local), tmp, recurse=local.is_dir()), f"put {remote}")
         await node.call(node.sftp.posix_rename(tmp, remote), f"rename {remote}")
@@ -208,7 +114,7 @@ class SshRun:
             (bundle / "start.sh").write_text(render_template(
                 "ssh_start.sh.j2", run_id=self.record.run_id, job_name=self.plan.job_name, node=step,
                 path=state.remote_path))
-            (bundle / NODECTL).write_bytes(_NODECTL_SOURCE.read_bytes())
+            (bundle / NODECTL).write_bytes(NODECTL_SOURCE.read_bytes())
 
     async def stage_and_start(self) -> None:
         await self.stage()
@@ -232,7 +138,7 @@ class SshRun:
 
         _, errors = await transport.gather_results(stage(s) for s in self.nodes)
         if errors:
-            raise BackendError(self._per_node("could not stage the run on", errors) + "\nnothing was started")
+            raise BackendError(self.per_node("could not stage the run on", errors) + "\nnothing was started")
 
     async def start(self) -> None:
         async def one(state: NodeState) -> None:
@@ -241,7 +147,7 @@ class SshRun:
         _, errors = await transport.gather_results(one(s) for s in self.nodes)
         if errors:
             await self.teardown()
-            raise BackendError(self._per_node("could not start on", errors) + "\nevery node was stopped")
+            raise BackendError(self.per_node("could not start on", errors) + "\nevery node was stopped")
 
     # --- watching ----------------------------------------------------------------------------
 
@@ -318,66 +224,6 @@ class SshRun:
                      f"'launcher down {self.record.run_id}' when it is back" for s in self.nodes if s.lost]
         return problems
 
-    async def gather(self) -> list[str]:
-        """Copy every rank's files from every reachable node, verified by sha256. Returns problems."""
-
-        async def one(state: NodeState) -> None:
-            node, base = state.node, remote_run_dir(state.step, self.record.run_id)
-            patterns = [p for r in state.step.ranks for p in self.plan.collect_sources(r)] + ["node.log"]
-            listing = (await self.nodectl(state, "list-files", "--no-hash", base, *patterns))["files"]
-            # The node hashes its files while they are already being downloaded.
-            hashing = asyncio.ensure_future(self.nodectl(state, "list-files", base, *patterns, timeout=3600))
-            try:
-                paths = [f["path"] for f in listing]
-                wanted = gather.wanted_from_paths(self.plan, paths, ranks=state.step.ranks)
-                if "node.log" in paths:
-                    wanted.append(gather.Wanted(-1, "node.log", f"nodes/node-{state.step.index}/node.log"))
-                for item in wanted:
-                    try:
-                        await self._fetch(node, base, item.source, self.run_dir / item.dest, hashing)
-                    except (OSError, asyncssh.Error) as exc:
-                        raise TransportError(node.host, ["get", item.source], None, str(exc)) from None
-            finally:
-                hashing.cancel()
-
-        reachable = [s for s in self.nodes if not s.lost and s.node]
-        _, errors = await transport.gather_results(one(s) for s in reachable)
-        problems = [line for line in self._per_node("could not gather from", errors).splitlines()[1:]] if errors else []
-        problems += [f"node {s.step.index} ({s.step.host}) is lost; nothing gathered from it"
-                     for s in self.nodes if s.lost]
-        return problems
-
-    async def _fetch(self, node: transport.Node, base: str, source: str, dest: Path,
-                     hashing: asyncio.Future) -> None:
-        """Download base/source to a .partial name, resuming what an interrupted gather left; rename it
-        once its sha256 matches the one the node computed (the `hashing` listing)."""
-        remote = posixpath.join(base, source)
-
-        async def node_sha() -> str:
-            return next(f["sha256"] for f in (await hashing)["files"] if f["path"] == source)
-
-        if dest.is_file() and gather.sha256_file(dest) == await node_sha():
-            return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.partial")
-        for _attempt in range(2):
-            # Hash what a previous gather left, then the new bytes as they arrive: the file is read once.
-            digest = gather.sha256_of(partial) if partial.exists() else hashlib.sha256()
-            offset = partial.stat().st_size if partial.exists() else 0
-            # Large reads, each split by asyncssh into many requests in flight; written in order, so the
-            # partial file is always a complete prefix that a later gather can resume from.
-            async with node.sftp.open(remote, "rb", block_size=_BLOCK, max_requests=64) as f:
-                with partial.open("ab") as out:
-                    while chunk := await node.call(f.read(_FETCH_CHUNK, offset), f"read {remote}"):
-                        # Off the event loop (both release the GIL), so other nodes' downloads go on meanwhile.
-                        await asyncio.to_thread(_write_and_hash, out, digest, chunk)
-                        offset += len(chunk)
-            if digest.hexdigest() == await node_sha():
-                partial.replace(dest)
-                return
-            partial.unlink()  # a stale partial from another version of the file: start over once
-        raise BackendError(f"{node.host}: {remote} does not match its sha256 after download")
-
     async def tail(self, rank: int, lines: int = 20) -> str:
         slot = self.plan.ranks[rank]
         state = next(s for s in self.nodes if rank in s.step.ranks)
@@ -439,7 +285,9 @@ class SshRun:
         return self.unreachable()
 
     async def do_gather(self) -> list[str]:
-        return self.unreachable() + [p for p in await self.gather() if "is lost" not in p]
+        from launcher.backends import ssh_gather
+
+        return self.unreachable() + [p for p in await ssh_gather.gather(self) if "is lost" not in p]
 
     async def do_down(self, purge: bool) -> list[str]:
         problems = [p for p in await self.teardown() if "is lost" not in p] + self.unreachable()
@@ -450,12 +298,7 @@ class SshRun:
         return problems
 
 
-def _write_and_hash(out, digest, chunk: bytes) -> None:
-    out.write(chunk)
-    digest.update(chunk)
-
-
-def _failures_in_order(results: list, errors: list[Exception]) -> list[Exception | None]:
+def failures_in_order(results: list, errors: list[Exception]) -> list[Exception | None]:
     it = iter(errors)
     return [next(it) if r is None else None for r in results]
 
@@ -468,6 +311,8 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
 
 
 async def _execute(plan, run_dir, record, console, accept_new, kill_stale):
+    from launcher.backends import ssh_gather, ssh_preflight
+
     run = SshRun(plan, run_dir, record, console, accept_new, kill_stale)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -475,7 +320,7 @@ async def _execute(plan, run_dir, record, console, accept_new, kill_stale):
     try:
         await run.connect_all()
         try:
-            await run.preflight()
+            await ssh_preflight.preflight(run)
             await run.stage_and_start()
         except BaseException:
             run.close()
@@ -502,7 +347,7 @@ async def _execute(plan, run_dir, record, console, accept_new, kill_stale):
             failing_node = plan.ranks[failed[0]].node if failed else (node.step.index if node else None)
             record.message = f"node {failing_node} failed"
         record.save(run_dir)
-        problems += await run.gather()
+        problems += await ssh_gather.gather(run)
         tail = await run.tail(record.failed_rank) if record.failed_rank is not None else ""
         return record, problems, tail
     finally:
@@ -526,18 +371,3 @@ async def _reconnect(plan, run_dir, record, console, action, **kwargs):
         return await getattr(run, f"do_{action}")(**kwargs)
     finally:
         run.close()
-
-
-def discover_device_ips(plan: LaunchPlan, run_dir: Path, accept_new: bool) -> dict[int, list[str]]:
-    """Connect to every node of a plan and read its device IPs (for rank-table mode without them)."""
-
-    async def go():
-        run = SshRun(plan, run_dir, RunRecord("discover", plan.job_name, "ssh", "starting", time.time()),
-                     Console(quiet=True), accept_new)
-        await run.connect_all()
-        try:
-            return await run.discover_device_ips()
-        finally:
-            run.close()
-
-    return asyncio.run(go())
