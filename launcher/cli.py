@@ -23,6 +23,7 @@ from launcher.console import err, out, reports_errors
 
 DEFAULT_RUNS_DIR = "runs"
 
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="launcher")
 def main() -> None:
@@ -366,7 +367,6 @@ def dataset_tiny(path: str, force: bool) -> None:
 
     count = write_tiny(Path(path), force=force)
     out.print(f"wrote {count} records to {path}")
-
 
 
 # Rank tables, the Ascend preflight and container images live in their own module.

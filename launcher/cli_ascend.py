@@ -143,6 +143,7 @@ def preflight_cmd(job_file: str, node: int | None, driver_dir: str, timeout: flo
 # ---- container images of the Ascend version matrix (images/matrix.yaml) ----------------------
 # Imports stay inside the commands: the other commands do not need them.
 
+
 @click.group()
 @click.option("--matrix", "matrix_file", metavar="FILE", help="image matrix to use (default: the shipped one)")
 @click.pass_context

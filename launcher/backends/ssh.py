@@ -236,7 +236,6 @@ class SshRun:
                                                          slot.console_log), 0)
         return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
-
     # --- reconnected operations --------------------------------------------------------------
 
     def unreachable(self) -> list[str]:
@@ -354,7 +353,6 @@ async def _execute(plan, run_dir, record, console, accept_new, kill_stale):
         run.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-
 
 
 # --- reconnecting to a run: status, logs, gather, down ------------------------------------------

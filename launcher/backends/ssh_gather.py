@@ -47,6 +47,7 @@ async def gather(run: SshRun) -> list[str]:
                  for s in run.nodes if s.lost]
     return problems
 
+
 async def fetch(run: SshRun, node: transport.Node, base: str, source: str, dest: Path,
                  hashing: asyncio.Future) -> None:
     """Download base/source to a .partial name, resuming what an interrupted gather left; rename it

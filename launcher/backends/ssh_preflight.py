@@ -28,6 +28,7 @@ def runner(run: SshRun, state: NodeState) -> ascend.Runner:
 
     return run
 
+
 async def discover(run: SshRun) -> dict[int, list[str]]:
     """Each node's device IPs (hccn_tool, or /etc/hccn.conf), read over SSH; every failure reported together."""
 
@@ -42,6 +43,7 @@ async def discover(run: SshRun) -> dict[int, list[str]]:
     if errors:
         raise BackendError(run.per_node("cannot read the device IPs of", errors))
     return {s.step.index: ips for s, ips in zip(run.nodes, results)}
+
 
 async def preflight(run: SshRun) -> None:
     async def one(state: NodeState) -> dict:
@@ -83,6 +85,7 @@ async def preflight(run: SshRun) -> None:
         problems.append(f"  MindSpore/MindFormers versions differ between nodes ({listing})")
     if problems:
         raise BackendError("preflight failed; nothing was started on any node:\n" + "\n".join(problems))
+
 
 def judge(run: SshRun, state: NodeState, report: dict) -> list[str]:
     problems = []
