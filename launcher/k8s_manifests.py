@@ -46,7 +46,7 @@ def manifests(job: Job, plan_files: dict[str, str], slots, steps) -> dict[str, d
     """Artifact path -> object. `plan_files` are the plan files the pods read (they go in the ConfigMap)."""
     k8s = job.cluster.k8s
     objects = {"k8s/00-configmap.yaml": _configmap(job, plan_files)}
-    if _dynamic_cluster(job):
+    if dynamic_cluster(job):
         objects["k8s/01-service.yaml"] = _service(job)
     if k8s.kind == "ascend-job":
         objects["k8s/ascend-job.yaml"] = _ascend_job(job, plan_files, steps)
@@ -62,7 +62,7 @@ def manifests(job: Job, plan_files: dict[str, str], slots, steps) -> dict[str, d
     return objects
 
 
-def _dynamic_cluster(job: Job) -> bool:
+def dynamic_cluster(job: Job) -> bool:
     """MindSpore's dynamic cluster (an MS_SCHED process the workers dial) is used by msrun, and by
     rank-table mode on the CPU, which has no HCCL rank table. An AscendJob's operator makes its own Service."""
     if job.cluster.k8s.kind == "ascend-job":
@@ -240,7 +240,7 @@ def _rank_pods(job: Job, plan_files: dict[str, str], slots) -> dict[str, dict]:
     world = len(slots)
     volcano = cluster.k8s.scheduler == "volcano" or cluster.k8s.kind == "volcano-job"
     script = f"{PLAN_MOUNT}/{RANK_SCRIPT}"
-    dynamic = _dynamic_cluster(job)
+    dynamic = dynamic_cluster(job)
     sched_env = [
         _env("MS_SCHED_PORT", cluster.master_port),
         _env("MS_WORKER_NUM", world),
@@ -284,7 +284,7 @@ def _node_pods(job: Job, plan_files: dict[str, str], steps) -> dict[str, dict]:
         command = ["bash", f"{PLAN_MOUNT}/{step.script}"]
         containers = [_container(job, "ascend", command, [], npus=len(step.ranks))]
         name = f"{job.name}-node-{step.index}"
-        scheduler = _dynamic_cluster(job) and step.node_rank == 0
+        scheduler = dynamic_cluster(job) and step.node_rank == 0
         spec = _pod_spec(job, plan_files, containers, volcano)
         pods[name] = _pod(job, name, spec, scheduler, **{"launcher/node": str(step.index)})
     return pods

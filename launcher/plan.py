@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from launcher import k8s_manifests, mfconfig, ranktable
+from launcher import helm_values, k8s_manifests, mfconfig, ranktable
 from launcher.errors import ConfigError
 from launcher.render import render_template, to_json, to_yaml
 from launcher.spec import Job
@@ -284,6 +284,8 @@ def _k8s_artifacts(job: Job, artifacts: dict[str, str], slots, steps, master_add
     out = {path: text for path, text in pod_files.items() if path not in artifacts}
     objects = k8s_manifests.manifests(job, pod_files, slots, steps)
     out.update({path: to_yaml(obj) for path, obj in objects.items()})
+    if helm_values.applies(job):
+        out[helm_values.HELM_VALUES_PATH] = to_yaml(helm_values.values(job, pod_files, slots))
     return out
 
 

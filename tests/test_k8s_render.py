@@ -2,12 +2,13 @@
 custom resources carry what their controllers require."""
 
 import copy
+import subprocess
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, require_tool
 from launcher.k8s_manifests import PLAN_MOUNT, configmap_key
 from launcher.plan import build_plan
 from launcher.spec import ConfigError, load_job, parse_job
@@ -203,3 +204,43 @@ def test_k8s_section_needs_the_k8s_backend():
     data["cluster"]["k8s"] = {"namespace": "x"}
     with pytest.raises(ConfigError, match="a k8s section only applies with backend: k8s"):
         parse_job(data)
+
+
+CHART = EXAMPLES.parent.parent / "charts" / "launcher-job"
+HELM_EXAMPLES = ["llama2-7b-lora-1x8-k8s.yaml", "tiny-lora-k8s.yaml", "volcano-per-rank"]
+
+
+def helm_job(example: str):
+    if example == "volcano-per-rank":  # the chart's Volcano and rank-table branches
+        data = yaml.safe_load((EXAMPLES / "llama2-7b-lora-1x8-ranktable.yaml").read_text())
+        data["cluster"].update(backend="k8s", k8s={"scheduler": "volcano", "queue": "q1", "service_account": "sa"})
+        return parse_job(data)
+    return load_job(EXAMPLES / example)
+
+
+def test_helm_lint():
+    helm = require_tool("helm")
+    result = subprocess.run([helm, "lint", "--strict", str(CHART)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("example", HELM_EXAMPLES)
+def test_helm_chart_renders_the_same_objects(example, tmp_path):
+    helm = require_tool("helm")
+    plan = build_plan(helm_job(example))
+    values = tmp_path / "values.yaml"
+    values.write_text(plan.artifacts["helm/values.yaml"])
+    result = subprocess.run([helm, "template", "job", str(CHART), "-f", str(values)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    from_helm = [o for o in yaml.safe_load_all(result.stdout) if o]
+    ours = [yaml.safe_load(t) for p, t in plan.artifacts.items() if p.startswith("k8s/") and p.endswith(".yaml")]
+
+    def key(obj):
+        return obj["kind"], obj["metadata"]["name"]
+
+    # Dicts compare without regard to key order; lists (env, volumes, containers) keep theirs.
+    assert sorted(map(key, from_helm)) == sorted(map(key, ours))
+    by_key = {key(o): o for o in from_helm}
+    for obj in ours:
+        assert by_key[key(obj)] == obj, f"{key(obj)} differs between the chart and the launcher"
