@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from launcher import mfconfig, ranktable
+from launcher import helm_values, k8s_manifests, mfconfig, ranktable
 from launcher.errors import ConfigError
 from launcher.render import render_template, to_json, to_yaml
 from launcher.spec import Job
@@ -195,7 +195,12 @@ def build_plan(job: Job) -> LaunchPlan:
     order = launch_order(job)
     cluster = job.cluster
     master = cluster.nodes[order[0]]
-    master_addr = "127.0.0.1" if cluster.backend == "local" else (master.rank_table_server_id or master.host)
+    if cluster.backend == "local":
+        master_addr = "127.0.0.1"
+    elif cluster.backend == "k8s":
+        master_addr = k8s_manifests.service_host(job)  # node hosts are placeholders; pods meet by DNS
+    else:
+        master_addr = master.rank_table_server_id or master.host
 
     artifacts: dict[str, str] = {
         CONFIG_PATH: to_yaml(cfg),
@@ -247,6 +252,9 @@ def build_plan(job: Job) -> LaunchPlan:
             workdir=node.workdir or ssh.workdir,
         ))
 
+    if cluster.backend == "k8s":
+        artifacts.update(_k8s_artifacts(job, artifacts, slots, steps, master_addr))
+
     return LaunchPlan(
         job_name=job.name,
         backend=cluster.backend,
@@ -261,6 +269,24 @@ def build_plan(job: Job) -> LaunchPlan:
         artifacts=MappingProxyType(dict(sorted(artifacts.items()))),
         ssh=_ssh_options(job) if cluster.backend == "ssh" else None,
     )
+
+
+def _k8s_artifacts(job: Job, artifacts: dict[str, str], slots, steps, master_addr: str) -> dict[str, str]:
+    """The pods' scripts, the manifests that carry every file the pods read, and the Helm values."""
+    context = dict(job=job, env_path=ENV_PATH, entrypoint_path=ENTRYPOINT_PATH, config_path=CONFIG_PATH,
+                   status_dir=STATUS_DIR, cluster_time_out=job.cluster.cluster_time_out)
+    pod_files = dict(artifacts)
+    if job.cluster.k8s.kind == "ascend-job":
+        pod_files[k8s_manifests.ACJOB_WORKER_SCRIPT] = render_template("k8s_acjob_worker.sh.j2", **context)
+    if job.cluster.k8s.kind == "ascend-job" or job.cluster.k8s.pods == "per-rank":
+        pod_files[k8s_manifests.RANK_SCRIPT] = render_template("k8s_rank.sh.j2", **context)
+    pod_files = dict(sorted(pod_files.items()))
+    out = {path: text for path, text in pod_files.items() if path not in artifacts}
+    objects = k8s_manifests.manifests(job, pod_files, slots, steps)
+    out.update({path: to_yaml(obj) for path, obj in objects.items()})
+    if helm_values.applies(job):
+        out[helm_values.HELM_VALUES_PATH] = to_yaml(helm_values.values(job, pod_files, slots))
+    return out
 
 
 def _ssh_options(job: Job) -> SshOptions:

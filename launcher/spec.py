@@ -136,12 +136,88 @@ class Ssh(Strict):
     min_free_mb: int = Field(1024, ge=0)
 
 
+_LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class K8s(Strict):
+    """Where and how the pods of a `backend: k8s` job run. Secrets are named here, never given."""
+
+    namespace: str = "default"
+    pods: Literal["per-rank", "per-node"] = Field("per-rank", description="one pod per rank, or one per node")
+    kind: Literal["pods", "volcano-job", "ascend-job"] = Field("pods", description="plain pods, or a job controller")
+    scheduler: Literal["default", "volcano"] = Field("default", description="volcano: gang-schedule the pods")
+    queue: str = Field("default", description="Volcano queue")
+    resource_name: str = Field("huawei.com/Ascend910", description="extended resource of one NPU")
+    host_network: bool = False
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    anti_affinity: bool = Field(False, description="at most one of the job's pods per host")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="names of existing Secrets")
+    output_pvc: str | None = Field(None, description="existing ReadWriteMany claim mounted at the MindFormers output")
+    service_account: str | None = None
+
+    @field_validator("namespace", "queue")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        if not _DNS_LABEL_RE.match(v):
+            raise ValueError(f"'{v}' is not a DNS label: lowercase letters, digits and '-', at most 63 characters")
+        return v
+
+    @field_validator("output_pvc", "service_account")
+    @classmethod
+    def _object_name(cls, v: str | None) -> str | None:
+        if v is not None and not _DNS_SUBDOMAIN_RE.match(v):
+            raise ValueError(f"'{v}' is not a Kubernetes object name (lowercase letters, digits, '-' and '.')")
+        return v
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _secret_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _DNS_SUBDOMAIN_RE.match(name):
+                raise ValueError(f"'{name}' is not a Secret name; give the names of existing Secrets, not their content")
+        return v
+
+    @field_validator("resource_name")
+    @classmethod
+    def _resource(cls, v: str) -> str:
+        prefix, _, name = v.partition("/")
+        if not name or not _DNS_SUBDOMAIN_RE.match(prefix) or not _LABEL_VALUE_RE.match(name):
+            raise ValueError(f"'{v}' is not an extended resource name such as huawei.com/Ascend910")
+        return v
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _LABEL_VALUE_RE.match(value):
+                raise ValueError(f"'{value}' (for '{key}') is not a label value: at most 63 letters, digits, '-_.'")
+        return v
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        allowed = {"key", "operator", "value", "effect", "tolerationSeconds"}
+        for i, tol in enumerate(v):
+            unknown = sorted(set(tol) - allowed)
+            if unknown:
+                raise ValueError(f"toleration {i}: unknown key '{unknown[0]}'; allowed keys: {', '.join(sorted(allowed))}")
+            if tol.get("operator", "Equal") not in ("Equal", "Exists"):
+                raise ValueError(f"toleration {i}: operator must be Equal or Exists")
+            if tol.get("effect", "NoSchedule") not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+                raise ValueError(f"toleration {i}: effect must be NoSchedule, PreferNoSchedule or NoExecute")
+        return v
+
+
 class Cluster(Strict):
     backend: Literal["local", "ssh", "k8s"] = "local"
     device: Literal["cpu", "ascend"] = "cpu"
     launch: Literal["msrun", "ranktable"] = "msrun"
     runtime: Literal["host", "docker"] = Field("host", description="docker: run each node script in the job's image")
     ssh: Ssh = Ssh()
+    k8s: K8s = K8s()
     devices_per_node: int = Field(8, ge=1, le=16)
     master_port: int = Field(8118, ge=1024, le=65535)
     cluster_time_out: int = Field(600, ge=30, description="msrun --cluster_time_out, seconds")
@@ -279,8 +355,35 @@ def check_job(job: Job) -> None:
         )
     if p.pipeline_stage > 1 and p.micro_batch_num < p.pipeline_stage:
         raise _FieldProblem("parallel.micro_batch_num", "must be at least pipeline_stage to fill the pipeline")
+    if cluster.backend == "k8s":
+        _check_k8s(job)
+    elif "k8s" in cluster.model_fields_set:
+        raise _FieldProblem("cluster.k8s", "a k8s section only applies with backend: k8s")
     if cluster.backend == "local" and len(cluster.nodes) != 1:
         raise _FieldProblem("cluster.nodes", "the local backend runs one node; use backend ssh or k8s for more")
+
+
+def _check_k8s(job: Job) -> None:
+    k8s = job.cluster.k8s
+    if job.cluster.runtime == "docker":
+        raise _FieldProblem("cluster.runtime", "on Kubernetes every pod already runs in the image; remove runtime: docker")
+    if k8s.kind == "ascend-job":
+        if job.cluster.launch != "msrun" or k8s.pods != "per-node":
+            raise _FieldProblem(
+                "cluster.k8s.kind",
+                "an AscendJob runs one Worker pod per node under MindSpore's dynamic cluster; "
+                "set cluster.launch: msrun and cluster.k8s.pods: per-node",
+            )
+        if job.cluster.device != "ascend":
+            raise _FieldProblem("cluster.k8s.kind", "an AscendJob needs Ascend NPUs; set cluster.device: ascend")
+    if k8s.anti_affinity and k8s.pods == "per-rank" and k8s.kind != "ascend-job":
+        if any(len(n.devices) > 1 for n in job.cluster.nodes):
+            raise _FieldProblem(
+                "cluster.k8s.anti_affinity",
+                "one pod per host cannot place several per-rank pods on a node; use pods: per-node",
+            )
+    if "queue" in k8s.model_fields_set and k8s.scheduler != "volcano" and k8s.kind == "pods":
+        raise _FieldProblem("cluster.k8s.queue", "a queue only applies with scheduler: volcano")
 
 
 def _did_you_mean(word: str, choices) -> str:

@@ -24,6 +24,11 @@ CASES = {
     "qwen1_5-7b-lora-1x8-ssh": "qwen1_5-7b-lora-1x8-ssh.yaml",
     "baichuan2-7b-lora-4dev-docker": "baichuan2-7b-lora-4dev-docker.yaml",
     "tiny-lora-ssh": "tiny-lora-ssh.yaml",
+    "llama2-7b-lora-1x8-k8s": "llama2-7b-lora-1x8-k8s.yaml",
+    "qwen1_5-7b-full-2x8-k8s-volcano": "qwen1_5-7b-full-2x8-k8s-volcano.yaml",
+    "qwen1_5-7b-full-2x8-k8s-vcjob": "qwen1_5-7b-full-2x8-k8s-vcjob.yaml",
+    "qwen1_5-7b-full-2x8-ascendjob": "qwen1_5-7b-full-2x8-ascendjob.yaml",
+    "tiny-lora-k8s": "tiny-lora-k8s.yaml",
 }
 
 

@@ -1,0 +1,356 @@
+"""The Kubernetes objects of a `backend: k8s` job, built as plain dicts (dumped with to_yaml by the plan).
+
+Pure like the plan: the same job gives the same objects. Two values are not known until the k8s
+backend creates the objects, and are rendered as placeholders it replaces:
+- the run id: a rendered plan can run many times, so the `launcher/run-id` label carries the job name;
+- the owner's uid: every object is owned by the job's ConfigMap (deleting it deletes the rest), and an
+  ownerReference needs the uid the API server gives the ConfigMap when it is created.
+Secrets (image pull secrets, storage keys) are referenced by name only; nothing secret is rendered.
+"""
+
+from __future__ import annotations
+
+from launcher.spec import Job
+
+PLAN_MOUNT = "/launcher/plan"  # the ConfigMap, with the plan's files at their relative paths
+WORK_DIR = "/launcher/work"  # the pod's working directory; MindFormers writes ./output under it
+RANK_SCRIPT = "k8s/rank.sh"
+ACJOB_WORKER_SCRIPT = "k8s/acjob-worker.sh"
+OWNER_UID = "00000000-0000-0000-0000-000000000000"
+SCHEDULER_LOG = "output/rank_log/scheduler.log"
+# Ascend Operator's default port of the Scheduler service ("ascendjob-port", 2222), see
+# hiascend.com MindCluster docs "Ascend Operator environment variables" (MS_SCHED_PORT).
+ACJOB_PORT = 2222
+# Labels of an AscendJob and its pod templates: `framework` and `ring-controller.atlas` (chip family;
+# "ascend-910b" for Atlas A2, "ascend-910" for Atlas 800). Source: Ascend/mindcluster-deploy,
+# samples/train/basic-training/without-ranktable/mindspore/mindspore_multinodes_acjob_910b.yaml.
+RING_CONTROLLER = "ascend-910b"
+_ASCEND_HOST_FILES = (
+    ("ascend-driver", "/usr/local/Ascend/driver", "Directory"),
+    ("npu-smi", "/usr/local/bin/npu-smi", "File"),
+    ("ascend-install-info", "/etc/ascend_install.info", "File"),
+)
+
+
+def configmap_key(path: str) -> str:
+    """A plan path as a ConfigMap key (letters, digits, '-', '_', '.'): nodes/node-0/launch.sh -> nodes__node-0__launch.sh."""
+    return path.replace("/", "__")
+
+
+def service_host(job: Job) -> str:
+    """DNS name of the headless Service in front of the pod that runs MindSpore's scheduler."""
+    return f"{job.name}-sched.{job.cluster.k8s.namespace}.svc"
+
+
+def manifests(job: Job, plan_files: dict[str, str], slots, steps) -> dict[str, dict]:
+    """Artifact path -> object. `plan_files` are the plan files the pods read (they go in the ConfigMap)."""
+    k8s = job.cluster.k8s
+    objects = {"k8s/00-configmap.yaml": _configmap(job, plan_files)}
+    if dynamic_cluster(job):
+        objects["k8s/01-service.yaml"] = _service(job)
+    if k8s.kind == "ascend-job":
+        objects["k8s/ascend-job.yaml"] = _ascend_job(job, plan_files, steps)
+        return objects
+    pods = _rank_pods(job, plan_files, slots) if k8s.pods == "per-rank" else _node_pods(job, plan_files, steps)
+    if k8s.kind == "volcano-job":
+        objects["k8s/volcano-job.yaml"] = _volcano_job(job, pods)
+        return objects
+    if k8s.scheduler == "volcano":
+        objects["k8s/02-podgroup.yaml"] = _podgroup(job, len(pods))
+    for name, pod in pods.items():
+        objects[f"k8s/{name.removeprefix(job.name + '-')}.yaml"] = pod
+    return objects
+
+
+def dynamic_cluster(job: Job) -> bool:
+    """MindSpore's dynamic cluster (an MS_SCHED process the workers dial) is used by msrun, and by
+    rank-table mode on the CPU, which has no HCCL rank table. An AscendJob's operator makes its own Service."""
+    if job.cluster.k8s.kind == "ascend-job":
+        return False
+    return job.cluster.launch == "msrun" or job.cluster.device == "cpu"
+
+
+def _labels(job: Job, **extra: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/managed-by": "launcher",
+        "app.kubernetes.io/name": job.name,
+        "launcher/run-id": job.name,  # placeholder: the backend sets LAUNCHER_RUN_ID here
+        **extra,
+    }
+
+
+def _metadata(job: Job, name: str, **labels: str) -> dict:
+    return {
+        "name": name,
+        "namespace": job.cluster.k8s.namespace,
+        "labels": _labels(job, **labels),
+        "ownerReferences": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": f"{job.name}-plan", "uid": OWNER_UID}
+        ],
+    }
+
+
+def _configmap(job: Job, plan_files: dict[str, str]) -> dict:
+    meta = _metadata(job, f"{job.name}-plan")
+    del meta["ownerReferences"]  # the owner of everything else
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {configmap_key(path): text for path, text in plan_files.items()},
+    }
+
+
+def _service(job: Job) -> dict:
+    # Headless, and publishing pods before they are ready: the workers dial the scheduler while it starts.
+    port = job.cluster.master_port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, f"{job.name}-sched"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"app.kubernetes.io/name": job.name, "launcher/scheduler": "true"},
+            "ports": [{"name": "ms-sched", "port": port, "targetPort": port, "protocol": "TCP"}],
+        },
+    }
+
+
+def _podgroup(job: Job, members: int) -> dict:
+    # Fields from Volcano's CRD scheduling.volcano.sh_podgroups.yaml (v1beta1): spec.minMember, spec.queue.
+    return {
+        "apiVersion": "scheduling.volcano.sh/v1beta1",
+        "kind": "PodGroup",
+        "metadata": _metadata(job, job.name),
+        "spec": {"minMember": members, "queue": job.cluster.k8s.queue},
+    }
+
+
+def _env(name: str, value) -> dict:
+    return {"name": name, "value": str(value)}
+
+
+def _field_env(name: str, field_path: str) -> dict:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field_path}}}
+
+
+def _container(job: Job, name: str, command: list[str], env: list[dict], npus: int, ports=()) -> dict:
+    ascend = job.cluster.device == "ascend"
+    if job.cluster.k8s.host_network:
+        # HCCL's host NIC: the node's address, which the pod shares with host networking.
+        env = [*env, _field_env("HCCL_IF_IP", "status.hostIP")]
+    container = {
+        "name": name,
+        "image": f"{job.image.name}:{job.image.tag}",
+        "command": command,
+        "workingDir": WORK_DIR,
+        "env": env,
+        "volumeMounts": [
+            {"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True},
+            {"name": "work", "mountPath": WORK_DIR},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    if job.cluster.k8s.output_pvc:
+        container["volumeMounts"].append({"name": "output", "mountPath": f"{WORK_DIR}/output"})
+    if ascend:
+        container["volumeMounts"] += [
+            {"name": vol, "mountPath": path, "readOnly": True} for vol, path, _ in _ASCEND_HOST_FILES
+        ]
+    if ascend and npus:
+        amount = {job.cluster.k8s.resource_name: str(npus)}
+        container["resources"] = {"requests": amount, "limits": dict(amount)}
+    if ports:
+        container["ports"] = [dict(p) for p in ports]
+    return container
+
+
+def _volumes(job: Job, plan_files: dict[str, str]) -> list[dict]:
+    volumes = [
+        {
+            "name": "plan",
+            "configMap": {
+                "name": f"{job.name}-plan",
+                "items": [{"key": configmap_key(path), "path": path} for path in plan_files],
+            },
+        },
+        {"name": "work", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    if job.cluster.k8s.output_pvc:
+        volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": job.cluster.k8s.output_pvc}})
+    if job.cluster.device == "ascend":
+        volumes += [{"name": vol, "hostPath": {"path": path, "type": kind}} for vol, path, kind in _ASCEND_HOST_FILES]
+    return volumes
+
+
+def _pod_spec(job: Job, plan_files: dict[str, str], containers: list[dict], volcano: bool) -> dict:
+    k8s = job.cluster.k8s
+    spec: dict = {"restartPolicy": "Never"}
+    if volcano:
+        spec["schedulerName"] = "volcano"
+    if k8s.service_account:
+        spec["serviceAccountName"] = k8s.service_account
+    if k8s.host_network:
+        # Host networking would otherwise resolve with the node's DNS, which cannot see the Service.
+        spec["hostNetwork"] = True
+        spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    if k8s.node_selector:
+        spec["nodeSelector"] = dict(k8s.node_selector)
+    if k8s.tolerations:
+        spec["tolerations"] = [dict(t) for t in k8s.tolerations]
+    if k8s.anti_affinity:
+        spec["affinity"] = {
+            "podAntiAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "labelSelector": {"matchLabels": {"app.kubernetes.io/name": job.name}},
+                        "topologyKey": "kubernetes.io/hostname",
+                    }
+                ]
+            }
+        }
+    if k8s.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in k8s.image_pull_secrets]
+    spec["containers"] = containers
+    spec["volumes"] = _volumes(job, plan_files)
+    return spec
+
+
+def _pod(job: Job, name: str, spec: dict, scheduler: bool, **labels: str) -> dict:
+    meta = _metadata(job, name, **labels)
+    if scheduler:
+        meta["labels"]["launcher/scheduler"] = "true"
+    if job.cluster.k8s.scheduler == "volcano" and job.cluster.k8s.kind == "pods":
+        meta["annotations"] = {"scheduling.k8s.io/group-name": job.name}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def _rank_pods(job: Job, plan_files: dict[str, str], slots) -> dict[str, dict]:
+    """One pod per rank, each with one NPU, running k8s/rank.sh with the rank in its environment.
+
+    Per-rank pods do not use msrun: msrun only sets MindSpore's dynamic-cluster variables and starts
+    processes, and here each pod is one process. The dynamic cluster needs one MS_SCHED process the
+    workers reach at MS_SCHED_HOST:MS_SCHED_PORT, and MS_WORKER_NUM workers with MS_ROLE=MS_WORKER and
+    MS_NODE_ID=<rank>. The scheduler runs as a second container in rank 0's pod: it starts and ends with
+    the job, needs no NPU, and the headless Service selects that pod. It binds to the pod's own IP.
+    """
+    cluster = job.cluster
+    world = len(slots)
+    volcano = cluster.k8s.scheduler == "volcano" or cluster.k8s.kind == "volcano-job"
+    script = f"{PLAN_MOUNT}/{RANK_SCRIPT}"
+    dynamic = dynamic_cluster(job)
+    sched_env = [
+        _env("MS_SCHED_PORT", cluster.master_port),
+        _env("MS_WORKER_NUM", world),
+        _env("MS_TOPO_TIMEOUT", cluster.cluster_time_out),
+    ]
+    pods = {}
+    for slot in slots:
+        env = []
+        if dynamic:
+            env += [
+                _env("MS_SCHED_HOST", service_host(job)),
+                *sched_env,
+                _env("MS_ROLE", "MS_WORKER"),
+                _env("MS_NODE_ID", slot.rank),
+            ]
+            if cluster.device == "ascend" and cluster.launch == "msrun":
+                # The pod sees only its own NPU, as device 0; otherwise MindSpore would pick the local rank.
+                env.append(_env("DEVICE_ID", 0))
+        if cluster.launch == "ranktable":
+            if "ranktable/hccl.json" in plan_files:
+                env.append(_env("RANK_TABLE_FILE", f"{PLAN_MOUNT}/ranktable/hccl.json"))
+            env += [_env("RANK_ID", slot.rank), _env("DEVICE_ID", slot.device), _env("RANK_SIZE", world)]
+        containers = [_container(job, "ascend", ["bash", script, slot.console_log], env, npus=1)]
+        scheduler = dynamic and slot.rank == 0
+        if scheduler:
+            env = [_field_env("MS_SCHED_HOST", "status.podIP"), *sched_env, _env("MS_ROLE", "MS_SCHED")]
+            containers.append(_container(job, "scheduler", ["bash", script, SCHEDULER_LOG], env, npus=0))
+        name = f"{job.name}-rank-{slot.rank}"
+        spec = _pod_spec(job, plan_files, containers, volcano)
+        pods[name] = _pod(job, name, spec, scheduler, **{"launcher/rank": str(slot.rank)})
+    return pods
+
+
+def _node_pods(job: Job, plan_files: dict[str, str], steps) -> dict[str, dict]:
+    """One pod per node with all its NPUs, running the node's launch script. msrun (or the rank-table
+    script) sets every process's MS_*/RANK_* variables itself; msrun on node_rank 0 starts the scheduler,
+    so that pod is the one behind the Service."""
+    volcano = job.cluster.k8s.scheduler == "volcano" or job.cluster.k8s.kind == "volcano-job"
+    pods = {}
+    for step in steps:
+        command = ["bash", f"{PLAN_MOUNT}/{step.script}"]
+        containers = [_container(job, "ascend", command, [], npus=len(step.ranks))]
+        name = f"{job.name}-node-{step.index}"
+        scheduler = dynamic_cluster(job) and step.node_rank == 0
+        spec = _pod_spec(job, plan_files, containers, volcano)
+        pods[name] = _pod(job, name, spec, scheduler, **{"launcher/node": str(step.index)})
+    return pods
+
+
+def _volcano_job(job: Job, pods: dict[str, dict]) -> dict:
+    """A Volcano Job (batch.volcano.sh/v1alpha1) with one task of one replica per pod, since each pod's
+    environment differs. Volcano makes the PodGroup itself (minAvailable = all pods), and the
+    PodFailed policy ends the whole job when one rank fails.
+    Fields from Volcano's CRD config/crd/volcano/bases/batch.volcano.sh_jobs.yaml."""
+    tasks = []
+    for name, pod in pods.items():
+        labels = {k: v for k, v in pod["metadata"]["labels"].items()}
+        tasks.append({
+            "name": name.removeprefix(job.name + "-"),
+            "replicas": 1,
+            "template": {"metadata": {"labels": labels}, "spec": pod["spec"]},
+        })
+    return {
+        "apiVersion": "batch.volcano.sh/v1alpha1",
+        "kind": "Job",
+        "metadata": _metadata(job, job.name),
+        "spec": {
+            "schedulerName": "volcano",
+            "queue": job.cluster.k8s.queue,
+            "minAvailable": len(tasks),
+            "maxRetry": 0,
+            "policies": [{"event": "PodFailed", "action": "TerminateJob"}],
+            "tasks": tasks,
+        },
+    }
+
+
+def _ascend_job(job: Job, plan_files: dict[str, str], steps) -> dict:
+    """MindCluster's AscendJob (mindxdl.gitee.com/v1) for MindSpore: one `Scheduler` replica (the MS_SCHED
+    process, no NPU) and one `Worker` replica per node. Ascend Operator creates the Service and gives every
+    pod MS_SCHED_HOST, MS_SCHED_PORT, MS_ROLE, MS_WORKER_NUM, MS_LOCAL_WORKER and MS_NODE_RANK.
+    Sources: hiascend.com MindCluster "Ascend Job" API page and "Ascend Operator environment variables";
+    Ascend/mindcluster-deploy mindspore_multinodes_acjob_910b.yaml (container name `ascend`,
+    port name `ascendjob-port`, labels framework / ring-controller.atlas)."""
+    k8s = job.cluster.k8s
+    volcano = k8s.scheduler == "volcano"
+    port = {"name": "ascendjob-port", "containerPort": ACJOB_PORT}
+    npus = len(steps[0].ranks)
+    sched = _container(job, "ascend", ["bash", f"{PLAN_MOUNT}/{RANK_SCRIPT}", SCHEDULER_LOG], [], 0, [port])
+    worker = _container(job, "ascend", ["bash", f"{PLAN_MOUNT}/{ACJOB_WORKER_SCRIPT}"], [], npus, [port])
+
+    def replica(count: int, container: dict) -> dict:
+        spec = _pod_spec(job, plan_files, [container], volcano=False)
+        del spec["restartPolicy"]  # given per replica type
+        if count == 1 and container is sched:
+            spec.pop("affinity", None)  # anti-affinity spreads the NPU workers; the scheduler may share a host
+        return {
+            "replicas": count,
+            "restartPolicy": "Never",
+            "template": {
+                "metadata": {"labels": _labels(job, **{"ring-controller.atlas": RING_CONTROLLER})},
+                "spec": spec,
+            },
+        }
+
+    meta = _metadata(job, job.name, framework="mindspore", **{"ring-controller.atlas": RING_CONTROLLER})
+    spec: dict = {}
+    if volcano:
+        spec["schedulerName"] = "volcano"
+        spec["runPolicy"] = {"schedulingPolicy": {"minAvailable": len(steps) + 1, "queue": k8s.queue}}
+    spec["successPolicy"] = "AllWorkers"
+    spec["replicaSpecs"] = {"Scheduler": replica(1, sched), "Worker": replica(len(steps), worker)}
+    return {"apiVersion": "mindxdl.gitee.com/v1", "kind": "AscendJob", "metadata": meta, "spec": spec}
