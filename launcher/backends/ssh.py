@@ -20,7 +20,7 @@ from rich.console import Console
 from launcher import gather, transport
 from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, TransportError
-from launcher.liveview import LiveView
+from launcher.liveview import LiveView, rank_exit_codes
 from launcher.plan import STATUS_DIR, LaunchPlan, NodeStep
 from launcher.render import render_template
 from launcher.runs import PLAN_DIR, RunRecord
@@ -199,8 +199,6 @@ class SshRun:
         return "interrupted"
 
     def rank_codes(self, mirror: Path) -> dict[int, int]:
-        from launcher.liveview import rank_exit_codes
-
         return rank_exit_codes(self.plan, mirror)
 
     # --- teardown and gather -----------------------------------------------------------------
