@@ -97,18 +97,25 @@ def test_rank_failure_on_second_host(tmp_path, cluster, tiny_dataset):
     assert RunRecord.load(run_dir).failed_rank == 1
 
 
-def test_lost_host_stops_the_other(tmp_path, cluster, tiny_dataset):
+@pytest.mark.parametrize("how", ["host dies", "link cut"])
+def test_lost_host_stops_the_other(tmp_path, cluster, tiny_dataset, how):
     job = write_job(tmp_path, cluster, tiny_dataset, node_lost_after=6)
     proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_for_ranks(tmp_path, proc)
     run_dir = only_run(tmp_path)
-    cluster.hosts[1].kill()  # the host's sshd is PID 1 of its PID namespace: everything on it dies
-    killed = time.monotonic()
+    if how == "host dies":
+        cluster.hosts[1].kill()  # the host's sshd is PID 1 of its PID namespace: everything on it dies
+    else:
+        cluster.hosts[1].cut_link()  # the host keeps running, unreachable
+    lost_at = time.monotonic()
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr
     assert f"node 1 ({cluster.hosts[1].address}) lost: no answer for 6s" in stderr
-    assert time.monotonic() - killed < 6 + 15 + 30  # noticed, torn down (grace) and gathered
+    assert time.monotonic() - lost_at < 6 + 15 + 30  # noticed, torn down (grace) and gathered
+    assert "is lost; its processes may still run" in stderr
+    if how == "link cut":
+        cluster.hosts[1].kill()  # what a reboot would do; the launcher could not reach it
     assert_nothing_left(run_dir.name)
     assert (run_dir / "ranks" / "rank_0" / "log" / "info.log").is_file()
 
