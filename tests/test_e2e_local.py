@@ -120,3 +120,23 @@ def test_interrupt_stops_every_process(tmp_path, tiny_dataset, sig):
     assert RunRecord.load(run_dir).state == "interrupted"
     assert (run_dir / "manifest.json").is_file()
     assert_nothing_left(run_dir)
+
+
+def test_down_stops_a_running_job(tmp_path, tiny_dataset):
+    job = write_job(tmp_path, tiny_dataset)
+    proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "runs").glob("*/output/log/rank_*/info.log"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    run_dir = only_run(tmp_path)
+    down = run_launcher("down", run_dir.name, cwd=tmp_path)
+    assert down.returncode == 0, down.stderr
+    assert f"run {run_dir.name}: no process left" in down.stdout
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1  # the run did not finish: the launcher says so
+    assert "failed" in stderr
+    assert_nothing_left(run_dir)
+    purge = run_launcher("down", run_dir.name, "--purge", cwd=tmp_path)
+    assert purge.returncode == 2 and "--purge removes node directories of ssh runs" in purge.stderr
