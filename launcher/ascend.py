@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
 from launcher.errors import ConfigError
 from launcher.ranktable import ServerDevices, single_node_table
 from launcher.spec import parse_devices, read_yaml_file

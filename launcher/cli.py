@@ -14,12 +14,18 @@ from rich.console import Console
 from rich.table import Table
 
 from launcher import cli_ascend, gather
+from launcher.console import err, out, reports_errors
 from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, ConfigError, LauncherError
 from launcher.plan import LaunchPlan, build_plan
 from launcher.runs import PLAN_DIR, RunRecord, find_run, new_run_id
-from launcher.spec import Job, check_local_host, load_job, port_is_free, resolve_local_paths
-from launcher.console import err, out, reports_errors
+from launcher.spec import (
+    Job,
+    check_local_host,
+    load_job,
+    port_is_free,
+    resolve_local_paths,
+)
 
 DEFAULT_RUNS_DIR = "runs"
 

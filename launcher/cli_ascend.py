@@ -12,7 +12,6 @@ from launcher.console import err, out, reports_errors
 from launcher.errors import ConfigError, LauncherError
 from launcher.spec import load_job
 
-
 # --- rank tables and the Ascend preflight -----------------------------------------------------
 
 

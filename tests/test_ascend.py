@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES, run_launcher
+
 from launcher import ascend
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -258,7 +258,6 @@ def test_cli_node_choice(tmp_path, args, message):
 def test_local_up_on_ascend_runs_the_preflight_first(tmp_path):
     """`launcher up` with device ascend on the local backend stops at the preflight here (no NPU driver)."""
     import yaml
-
     from conftest import EXAMPLES, free_port, run_launcher
 
     data = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import (
+    EXAMPLES,
+    LAUNCHER,
+    assert_lora_checkpoints,
+    free_port,
+    only_run,
+    run_launcher,
+)
 
-from conftest import EXAMPLES, LAUNCHER, assert_lora_checkpoints, free_port, only_run, run_launcher
 from launcher import gather
 from launcher.entrypoints import nodectl
 from launcher.runs import RunRecord

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import EXAMPLES, require_tool
+
 from launcher.plan import ENTRYPOINT_PATH, PLAN_FILE, build_plan
 from launcher.spec import load_job
 

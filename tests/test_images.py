@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import require_tool, run_launcher
+
 from launcher.errors import ConfigError
 from launcher.image_build import DEFAULT_TAG, build_command, build_script, dockerfile
 from launcher.images import load_matrix, matrix_path

@@ -7,8 +7,8 @@ import subprocess
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import EXAMPLES, require_tool
+
 from launcher.k8s_manifests import PLAN_MOUNT, configmap_key
 from launcher.plan import build_plan
 from launcher.spec import ConfigError, load_job, parse_job

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import EXAMPLES
+
 from launcher.errors import ConfigError
 from launcher.plan import LaunchPlan, build_plan
 from launcher.spec import parse_job

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import require_tool, run_launcher
+
 from launcher import ascend, ranktable
 from launcher.cli import main
 from launcher.ranktable import ServerDevices, single_node_table

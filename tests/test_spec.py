@@ -5,8 +5,8 @@ import socket
 
 import pytest
 import yaml
-
 from conftest import EXAMPLES, free_port, run_launcher
+
 from launcher.errors import ConfigError
 from launcher.spec import parse_devices, parse_job
 

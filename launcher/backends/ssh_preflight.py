@@ -10,7 +10,14 @@ from pathlib import Path
 from rich.console import Console
 
 from launcher import ascend, transport
-from launcher.backends.ssh import NODECTL_SOURCE, NODECTL, STOP_GRACE, NodeState, SshRun, failures_in_order
+from launcher.backends.ssh import (
+    NODECTL,
+    NODECTL_SOURCE,
+    STOP_GRACE,
+    NodeState,
+    SshRun,
+    failures_in_order,
+)
 from launcher.errors import BackendError, ConfigError, TransportError
 from launcher.plan import LaunchPlan
 from launcher.runs import RunRecord
