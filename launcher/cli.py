@@ -239,7 +239,12 @@ def _report(plan: LaunchPlan, run_dir: Path, record: RunRecord, summary: dict, t
         err.print(f"error: run {record.run_id} failed: {record.message}", markup=False)
     else:
         slot = plan.ranks[rank]
-        err.print(f"error: rank {rank} failed (node {slot.node}, {slot.host}); every other rank was stopped. "
+        where = f"node {slot.node}, {slot.host}"
+        if plan.backend == "k8s":
+            from launcher.backends.k8s_objects import short_id
+
+            where = f"pod {plan.job_name}-{short_id(record.run_id, plan.job_name)}-rank-{rank}"
+        err.print(f"error: rank {rank} failed ({where}); every other rank was stopped. "
                   f"Last lines of its log:", markup=False)
         err.print(tail, markup=False)
     sys.exit(1)

@@ -85,3 +85,70 @@ def test_two_rank_pods_train_together(tmp_path, cluster, tiny_dataset):
     assert "loss" in logs.stdout
     again = run_launcher("gather", run_id, cwd=tmp_path, env=launcher_env(cluster))
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_failed_pod_stops_the_other(tmp_path, cluster, tiny_dataset):
+    job = write_job(tmp_path, tiny_dataset, env={"LAUNCHER_FAULT": "1:3"})
+    result = up(tmp_path, cluster, job)
+    assert result.returncode == 1, result.stdout + result.stderr
+    run_dir = only_run(tmp_path)
+    short = run_dir.name.removeprefix("tiny-lora-k8s-")
+    assert f"error: rank 1 failed (pod tiny-lora-k8s-{short}-rank-1)" in result.stderr
+    assert "LAUNCHER_FAULT: rank 1 fails at step 3" in result.stderr
+    assert RunRecord.load(run_dir).failed_rank == 1
+    for rank in (0, 1):  # gathered although the run failed
+        assert (run_dir / "ranks" / f"rank_{rank}" / "console.log").is_file()
+        assert (run_dir / "ranks" / f"rank_{rank}" / "log" / "info.log").is_file()
+    assert gather.verify_manifest(run_dir) == []
+    assert_nothing_left(cluster, run_dir.name)
+
+
+def ascend_job(tmp_path, dataset):
+    """The same job on Ascend: its pods request huawei.com/Ascend910, which the test node does not have."""
+    job = write_job(tmp_path, dataset)
+    job.write_text(job.read_text().replace("device: cpu", "device: ascend"))
+    return job
+
+
+def test_unschedulable_pods_are_reported_and_deleted(tmp_path, cluster, tiny_dataset):
+    result = up(tmp_path, cluster, ascend_job(tmp_path, tiny_dataset), "--pending-timeout", "3", timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "2 pods still Pending after 3s" in result.stderr
+    assert "FailedScheduling: 0/1 nodes are available: 1 Insufficient huawei.com/Ascend910." in result.stderr
+    assert "every object of the run was deleted" in result.stderr
+    assert_nothing_left(cluster, only_run(tmp_path).name)
+
+
+def test_existing_object_is_refused_unless_replaced(tmp_path, cluster, tiny_dataset):
+    # The names carry the run id's time stamp: take every name of the next 30 seconds.
+    now = time.time()
+    for second in range(30):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now + second))
+        cluster.runner.core.create_namespaced_config_map("default", {"metadata": {"name": f"tiny-lora-k8s-{stamp}-plan"}})
+    job = ascend_job(tmp_path, tiny_dataset)
+    refused = up(tmp_path, cluster, job, timeout=120)
+    assert refused.returncode == 1
+    assert "ConfigMap default/tiny-lora-k8s-" in refused.stderr and "already exists" in refused.stderr
+    assert "--replace" in refused.stderr
+    assert not list((tmp_path / "runs").iterdir())  # nothing started, no run left
+    assert cluster.objects("app.kubernetes.io/name=tiny-lora-k8s") == []
+    replaced = up(tmp_path, cluster, job, "--replace", "--pending-timeout", "2", timeout=120)
+    assert "2 pods still Pending" in replaced.stderr, replaced.stdout + replaced.stderr
+    assert_nothing_left(cluster, only_run(tmp_path).name)
+
+
+def test_interrupt_deletes_everything(tmp_path, cluster, tiny_dataset):
+    job = write_job(tmp_path, tiny_dataset)
+    proc = subprocess.Popen([LAUNCHER, "up", str(job), "--pvc-dir", str(cluster.runner.pvc_dir(CLAIM))], cwd=tmp_path,
+                            env=launcher_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(cluster.runner.pvc_dir(CLAIM).glob("log/rank_*/info.log"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    run_dir = only_run(tmp_path)
+    assert RunRecord.load(run_dir).state == "interrupted"
+    assert_nothing_left(cluster, run_dir.name)
