@@ -152,3 +152,25 @@ def test_interrupt_deletes_everything(tmp_path, cluster, tiny_dataset):
     run_dir = only_run(tmp_path)
     assert RunRecord.load(run_dir).state == "interrupted"
     assert_nothing_left(cluster, run_dir.name)
+
+
+def test_status_and_down_reach_a_running_run(tmp_path, cluster, tiny_dataset):
+    job = ascend_job(tmp_path, tiny_dataset)  # its pods stay Pending: the run waits until it is deleted
+    proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, env=launcher_env(cluster),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "runs").glob("*/run.json")) or RunRecord.load(only_run(tmp_path)).state != "running":
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    run_id = only_run(tmp_path).name
+    status = run_launcher("status", run_id, cwd=tmp_path, env=launcher_env(cluster))
+    assert status.returncode == 0, status.stderr
+    assert f"pod tiny-lora-k8s-{run_id.removeprefix('tiny-lora-k8s-')}-rank-1 (rank 1): Pending" in status.stdout
+    down = run_launcher("down", run_id, cwd=tmp_path, env=launcher_env(cluster))
+    assert down.returncode == 0, down.stderr
+    assert f"every object with label launcher/run-id={run_id} is deleted" in down.stdout
+    assert cluster.objects(f"launcher/run-id={run_id}") == []
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "pods deleted while the job ran" in stderr
+    assert_nothing_left(cluster, run_id)
