@@ -188,15 +188,24 @@ class KubeRun:
         """The run's pods now, from one watch stream of WATCH_SECONDS (it starts with every pod)."""
         from kubernetes import watch
 
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
         pods = {}
         stream = watch.Watch().stream(self.core.list_namespaced_pod, self.ns, label_selector=self.selector,
                                       timeout_seconds=WATCH_SECONDS, _request_timeout=WATCH_SECONDS + REQUEST_TIMEOUT)
-        for event in stream:
-            pod = event["object"]
-            if event["type"] == "DELETED":
-                pods.pop(pod.metadata.name, None)
-            else:
-                pods[pod.metadata.name] = pod
+        try:
+            for event in stream:
+                pod = event["object"]
+                if event["type"] == "DELETED":
+                    pods.pop(pod.metadata.name, None)
+                elif event["type"] in ("ADDED", "MODIFIED"):
+                    pods[pod.metadata.name] = pod
+        except ApiException as exc:
+            raise BackendError(f"watch pods: {api_message(exc)}") from None
+        except HTTPError as exc:
+            raise BackendError(f"watch pods: cannot reach the Kubernetes API at {self.api.configuration.host}: "
+                               f"{exc}") from None
         return pods
 
     def watch(self, view: LiveView, pending_timeout: float) -> tuple[str, str]:
@@ -210,7 +219,8 @@ class KubeRun:
                             if phase(pod) == "Failed")
             if failed:
                 self.failed_rank = failed[0][1]  # the first to fail; the others may have followed it
-                return "failed", ", ".join(f"{n} (rank {self.rank_of[n]})" for n, p in pods.items() if phase(p) == "Failed")
+                names = ", ".join(f"{n} (rank {self.rank_of[n]})" for n, p in pods.items() if phase(p) == "Failed")
+                return "failed", f"pods failed: {names}"
             gone = sorted(set(self.rank_of) - set(pods))
             if gone:
                 return "failed", f"pods deleted while the job ran: {', '.join(gone)}"
@@ -341,7 +351,10 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
     """Create, watch, gather and always delete the run. Returns the final record and the problems."""
     run = KubeRun(plan, run_dir, record, target)
     target.save(run_dir)
-    run.create_all(replace)
+    try:
+        run.create_all(replace)
+    except KeyboardInterrupt:
+        raise BackendError("interrupted while creating the objects; those created were deleted") from None
     record.state = "running"
     record.save(run_dir)
     outcome, detail = "interrupted", ""
@@ -350,6 +363,8 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
             outcome, detail = run.watch(view, pending_timeout)
     except KeyboardInterrupt:
         pass
+    except BackendError as exc:  # the API failed while watching: still gather and delete
+        outcome, detail = "error", str(exc)
     finally:
         # A second Ctrl-C or SIGTERM must not cut the teardown short and leave pods behind.
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -362,9 +377,9 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
     record.finished = time.time()
     record.state = {"succeeded": "succeeded", "interrupted": "interrupted"}.get(outcome, "failed")
     record.exit_code = {"succeeded": 0, "interrupted": 130}.get(outcome, 1)
-    if outcome == "failed":
+    if outcome in ("failed", "error"):
         record.failed_rank = run.failed_rank
-        record.message = f"pod failed: {detail}"
+        record.message = detail
     elif outcome == "pending":
         record.message = f"{detail}\nevery object of the run was deleted"
     record.save(run_dir)

@@ -38,6 +38,8 @@ def logs(plan: LaunchPlan, run_dir: Path, record: RunRecord, ranks: list[int], f
         pods = run.pods() if follow else {}
         for rank in ranks:
             text = run.log(names[rank])
+            if text is None and names[rank] in pods and phase(pods[names[rank]]) in (None, "Pending"):
+                continue  # not started yet: wait for it
             if text is None:
                 saved = run_dir / gather.rank_dir(rank) / "console.log"
                 if not saved.is_file():
