@@ -70,11 +70,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     """kmock's emulator with the additions listed in the module docstring."""
 
     pod_logs = None  # (namespace, pod, container) -> str | None, set by the pod runner
+    refuse: dict[str, tuple[int, str, str]] = {}  # name suffix -> (status, reason, message) for its creation
     _versions = itertools.count(1)
 
     async def _handle(self, request):
         if request.resource is not None and request.action == enums.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
+            for suffix, (status, reason, message) in self.refuse.items():
+                if meta.get("name", "").endswith(suffix):  # what admission or validation would refuse
+                    raise kmock.KubernetesError(status=status, reason=reason, message=message.format(**meta))
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), resourceVersion=str(next(self._versions)))
             if request.namespace:
                 meta.setdefault("namespace", request.namespace)
@@ -126,6 +130,7 @@ class ApiServer:
     async def _serve(self):
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
+            emulator.refuse = {}
             for resource in _CORE:
                 emulator.resources[resource] = {}
             self.emulator, self.port = emulator, server.port

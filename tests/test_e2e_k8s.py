@@ -174,3 +174,19 @@ def test_status_and_down_reach_a_running_run(tmp_path, cluster, tiny_dataset):
     assert proc.returncode == 1
     assert "pods deleted while the job ran" in stderr
     assert_nothing_left(cluster, run_id)
+
+
+def test_refused_object_is_named_and_the_rest_deleted(tmp_path, cluster, tiny_dataset):
+    cluster.api.emulator.refuse["-rank-1"] = (
+        403, "Forbidden", 'pods "{name}" is forbidden: exceeded quota: npu, requested: huawei.com/Ascend910=1')
+    result = up(tmp_path, cluster, write_job(tmp_path, tiny_dataset), timeout=120)
+    assert result.returncode == 1
+    assert "Pod default/tiny-lora-k8s-" in result.stderr and "-rank-1: the API refused it (403): pods" in result.stderr
+    assert "is forbidden: exceeded quota: npu" in result.stderr
+    assert "the 3 objects created before it were deleted" in result.stderr  # ConfigMap, Service, rank 0's pod
+    assert not list((tmp_path / "runs").iterdir())
+    assert cluster.objects("app.kubernetes.io/name=tiny-lora-k8s") == []
+    deadline = time.monotonic() + 15
+    while cluster.runner.alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cluster.runner.alive() == []
