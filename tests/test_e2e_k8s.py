@@ -190,3 +190,12 @@ def test_refused_object_is_named_and_the_rest_deleted(tmp_path, cluster, tiny_da
     while cluster.runner.alive() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert cluster.runner.alive() == []
+
+
+def test_no_kubeconfig_starts_nothing(tmp_path, tiny_dataset):
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    env.update(KUBECONFIG=str(tmp_path / "missing"), HOME=str(tmp_path))
+    result = run_launcher("up", write_job(tmp_path, tiny_dataset), cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 1
+    assert "no usable kubeconfig" in result.stderr and "Traceback" not in result.stderr
+    assert not list((tmp_path / "runs").iterdir())

@@ -61,7 +61,7 @@ def api_client(target: Target):
 
     try:
         return config.new_client_from_config(config_file=target.kubeconfig, context=target.context)
-    except (config.ConfigException, FileNotFoundError, TypeError) as exc:
+    except (config.ConfigException, FileNotFoundError) as exc:
         if target.kubeconfig or target.context or "KUBERNETES_SERVICE_HOST" not in os.environ:
             raise BackendError(f"no usable kubeconfig ({exc}); set KUBECONFIG or pass --kubeconfig") from None
     configuration = client.Configuration()
@@ -368,9 +368,13 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
     finally:
         # A second Ctrl-C or SIGTERM must not cut the teardown short and leave pods behind.
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        problems = []
         try:
-            run.gather_logs()  # before the pods, and their logs, are deleted
-            problems = run.delete_all()
+            for step in (run.gather_logs, run.delete_all):  # the logs first: they go with the pods
+                try:
+                    problems += step() or []
+                except BackendError as exc:
+                    problems.append(f"{exc}; 'launcher down {record.run_id}' deletes what is left")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
