@@ -145,6 +145,10 @@ def test_interrupt_deletes_everything(tmp_path, cluster, tiny_dataset):
     while len(list(cluster.runner.pvc_dir(CLAIM).glob("log/rank_*/info.log"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.5)
+    run_id = only_run(tmp_path).name
+    live = run_launcher("logs", run_id, cwd=tmp_path, env=launcher_env(cluster))  # from the running pods
+    assert live.returncode == 0, live.stderr
+    assert "[rank 0] " in live.stdout and "[rank 1] " in live.stdout
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
