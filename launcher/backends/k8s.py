@@ -260,6 +260,7 @@ class KubeRun:
             if phase(pod) not in ("Running", "Succeeded", "Failed"):
                 continue
             slot = self.plan.ranks[self.rank_of[name]]
+            # The whole log each time: the log subresource has no byte offset (sinceTime counts seconds).
             text = self.log(name)
             if text is not None:
                 data = text.encode()
