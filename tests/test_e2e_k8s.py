@@ -137,7 +137,8 @@ def test_existing_object_is_refused_unless_replaced(tmp_path, cluster, tiny_data
     assert_nothing_left(cluster, only_run(tmp_path).name)
 
 
-def test_interrupt_deletes_everything(tmp_path, cluster, tiny_dataset):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_deletes_everything(tmp_path, cluster, tiny_dataset, sig):
     job = write_job(tmp_path, tiny_dataset)
     proc = subprocess.Popen([LAUNCHER, "up", str(job), "--pvc-dir", str(cluster.runner.pvc_dir(CLAIM))], cwd=tmp_path,
                             env=launcher_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -149,7 +150,7 @@ def test_interrupt_deletes_everything(tmp_path, cluster, tiny_dataset):
     live = run_launcher("logs", run_id, cwd=tmp_path, env=launcher_env(cluster))  # from the running pods
     assert live.returncode == 0, live.stderr
     assert "[rank 0] " in live.stdout and "[rank 1] " in live.stdout
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
