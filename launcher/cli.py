@@ -89,9 +89,17 @@ def render(job_file: str, output: str) -> None:
 @click.option("--accept-new-host-keys", is_flag=True,
               help="ssh: trust nodes whose host key is not yet in known_hosts, and record their keys")
 @click.option("--kill-stale", is_flag=True, help="ssh: stop processes of earlier runs of this job found on the nodes")
+@click.option("--kubeconfig", help="k8s: kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster)")
+@click.option("--context", help="k8s: kubeconfig context (default: the current one)")
+@click.option("--namespace", help="k8s: namespace (default: cluster.k8s.namespace)")
+@click.option("--replace", is_flag=True, help="k8s: replace objects of the same name that already exist")
+@click.option("--pending-timeout", type=float, default=600, show_default=True,
+              help="k8s: seconds pods may stay Pending before the run is deleted")
+@click.option("--pvc-dir", help="k8s: where cluster.k8s.output_pvc is mounted on this machine (gather reads output/ there)")
 @reports_errors
 def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_host_keys: bool,
-       kill_stale: bool) -> None:
+       kill_stale: bool, kubeconfig: str | None, context: str | None, namespace: str | None, replace: bool,
+       pending_timeout: float, pvc_dir: str | None) -> None:
     """Start JOB (a job file, or a directory written by 'launcher render'), watch it, and gather it.
 
     Any rank that fails, a lost node, Ctrl-C or SIGTERM stops every rank; what exists is still gathered.
@@ -115,11 +123,14 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_ho
         plan = build_plan(spec)
         if _needs_device_ips(spec):
             plan = build_plan(_with_discovered_ips(spec, plan, Path(runs_dir), accept_new_host_keys))
-    if plan.backend == "k8s":
-        raise ConfigError("cluster.backend: the k8s backend is not available in this version; "
-                          "use 'launcher render' to review the artifacts")
     run_dir, record = _new_run(plan, Path(runs_dir))
-    if plan.backend == "ssh":
+    if plan.backend == "k8s":
+        from launcher.backends.k8s import Target
+
+        pvc = str(Path(pvc_dir).resolve()) if pvc_dir else None
+        target = Target(kubeconfig, context, namespace, pvc)
+        _run_k8s(plan, run_dir, record, target, replace, pending_timeout)
+    elif plan.backend == "ssh":
         _run_ssh(plan, run_dir, record, accept_new_host_keys, kill_stale)
     else:
         _run_local(plan, run_dir, record)
@@ -157,7 +168,7 @@ def _new_run(plan: LaunchPlan, runs_dir: Path) -> tuple[Path, RunRecord]:
     plan.write(run_dir / PLAN_DIR)
     record = RunRecord(run_id, plan.job_name, plan.backend, "starting", time.time())
     record.save(run_dir)
-    where = "this machine" if plan.backend == "local" else f"{len(plan.nodes)} nodes over SSH"
+    where = {"local": "this machine", "k8s": "Kubernetes"}.get(plan.backend, f"{len(plan.nodes)} nodes over SSH")
     out.print(f"run [bold]{run_id}[/] — {plan.world_size} ranks, {plan.launch} on {where}")
     return run_dir, record
 
@@ -194,6 +205,28 @@ def _run_ssh(plan: LaunchPlan, run_dir: Path, record: RunRecord, accept_new: boo
     _report(plan, run_dir, record, summary, tail, problems)
 
 
+def _run_k8s(plan: LaunchPlan, run_dir: Path, record: RunRecord, target, replace: bool,
+             pending_timeout: float) -> None:
+    from launcher.backends import k8s
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM: the same teardown as Ctrl-C
+    try:
+        record, problems = k8s.execute(plan, run_dir, record, out, target, replace, pending_timeout)
+    except LauncherError:
+        if RunRecord.load(run_dir).state == "starting":
+            shutil.rmtree(run_dir)  # nothing was left in the cluster: leave no run behind
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out.print("gathered; verifying ...")
+    summary = gather.finish(plan, run_dir, record)
+    tail = ""
+    if record.failed_rank is not None:
+        log = run_dir / gather.rank_dir(record.failed_rank) / "console.log"
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.is_file() else ""
+    _report(plan, run_dir, record, summary, tail, problems)
+
+
 def _report(plan: LaunchPlan, run_dir: Path, record: RunRecord, summary: dict, tail: str,
             problems: list[str]) -> None:
     _print_summary(summary)
@@ -212,7 +245,12 @@ def _report(plan: LaunchPlan, run_dir: Path, record: RunRecord, summary: dict, t
         err.print(f"error: run {record.run_id} failed: {record.message}", markup=False)
     else:
         slot = plan.ranks[rank]
-        err.print(f"error: rank {rank} failed (node {slot.node}, {slot.host}); every other rank was stopped. "
+        where = f"node {slot.node}, {slot.host}"
+        if plan.backend == "k8s":
+            from launcher.backends.k8s_objects import short_id
+
+            where = f"pod {plan.job_name}-{short_id(record.run_id, plan.job_name)}-rank-{rank}"
+        err.print(f"error: rank {rank} failed ({where}); every other rank was stopped. "
                   f"Last lines of its log:", markup=False)
         err.print(tail, markup=False)
     sys.exit(1)
@@ -259,6 +297,12 @@ def status(run: str, runs_dir: str) -> None:
         lines, view = ssh.reconnect(plan, run_dir, record, out, "status")
         for line in lines:
             out.print(line, markup=False)
+    elif record.backend == "k8s":
+        from launcher.backends import k8s_ops
+
+        lines, view = k8s_ops.status(plan, run_dir, record)
+        for line in lines:
+            out.print(line, markup=False)
     else:
         alive = nodectl.run_processes(record.run_id)
         if record.state == "running" and not alive:
@@ -287,6 +331,12 @@ def logs(run: str, rank: int | None, follow: bool, runs_dir: str) -> None:
         problems = ssh.reconnect(plan, run_dir, record, out, "logs", ranks=[s.rank for s in slots],
                                  follow=follow, prefix=rank is None, echo=click.echo)
         for problem in problems:
+            err.print(f"warning: {problem}", markup=False)
+        return
+    if record.backend == "k8s":
+        from launcher.backends import k8s_ops
+
+        for problem in k8s_ops.logs(plan, run_dir, record, [s.rank for s in slots], follow, rank is None, click.echo):
             err.print(f"warning: {problem}", markup=False)
         return
     offsets = {s.rank: 0 for s in slots}
@@ -326,6 +376,13 @@ def gather_cmd(run: str, runs_dir: str) -> None:
         for problem in ssh.reconnect(plan, run_dir, record, out, "gather"):
             err.print(f"warning: {problem}", markup=False)
         summary = gather.finish(plan, run_dir, record)
+    elif record.backend == "k8s":
+        from launcher.backends import k8s_ops
+
+        problems = k8s_ops.gather_again(plan, run_dir, record)
+        summary = gather.finish(plan, run_dir, record)
+        if problems:
+            raise LauncherError("; ".join(problems))
     else:
         summary = local.gather_run(plan, run_dir, record)
     files = json.loads((run_dir / gather.MANIFEST).read_text())["files"]
@@ -349,6 +406,14 @@ def down(run: str, purge: bool, runs_dir: str) -> None:
         problems = ssh.reconnect(plan, run_dir, record, out, "down", purge=purge)
         if problems:
             raise LauncherError("; ".join(problems))
+    elif record.backend == "k8s":
+        from launcher.backends import k8s_ops
+
+        problems = k8s_ops.down(plan, run_dir, record)
+        if problems:
+            raise LauncherError("; ".join(problems))
+        out.print(f"run {record.run_id}: every object with label launcher/run-id={record.run_id} is deleted")
+        return
     else:
         # Every process of the run carries its run id, the node script included; no pid from run.json is
         # trusted, since it may have been reused.

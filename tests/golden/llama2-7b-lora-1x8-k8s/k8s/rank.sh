@@ -7,5 +7,10 @@ plan_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 console_log="$1"
 # shellcheck source=/dev/null
 source "${plan_dir}/"env/job.env
+# msrun gives each worker RANK_ID; a per-rank pod has only MS_NODE_ID, and MindFormers and the
+# entrypoint name their log and status files after RANK_ID (else every pod writes rank_0's).
+if [ -n "${MS_NODE_ID:-}" ] && [ -z "${RANK_ID:-}" ]; then
+  export RANK_ID="${MS_NODE_ID}"
+fi
 mkdir -p "$(dirname "${console_log}")" output/launcher
 python "${plan_dir}/"entrypoint/finetune.py "${plan_dir}/"mindformers/run.yaml 2>&1 | tee "${console_log}"

@@ -1,0 +1,396 @@
+"""The Kubernetes backend: create the plan's objects with the official client, watch the pods, gather, delete.
+
+Objects are created in dependency order (the ConfigMap that owns the rest first, the pods last), with
+names `<job>-<short run id>` and the label `launcher/run-id=<run id>` (k8s_objects.py). Pods are
+watched with watch streams that the server closes after WATCH_SECONDS (timeoutSeconds); each stream
+starts with the full state of the run's pods, so no resourceVersion is carried between streams.
+The pods' logs (the log subresource) feed the live view and ranks/rank_N/console.log; the files under
+output/ are gathered from the job's output PVC, mounted on this machine (--pvc-dir). Gathering
+through exec + tar (pods without a PVC) is not implemented: their checkpoints cannot be gathered.
+Deletion is explicit, object by object, by label: it does not rely on the garbage collector
+following the ownerReferences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from launcher import gather
+from launcher.backends.k8s_objects import RANK_LABEL, RUN_LABEL, output_claim, run_objects, set_owner
+from launcher.errors import BackendError
+from launcher.liveview import LiveView
+from launcher.plan import STATUS_DIR, LaunchPlan
+from launcher.runs import RunRecord
+
+TARGET_FILE = "k8s.json"
+MIRROR_DIR = "mirror"  # local copies of the ranks' logs and exit codes, for the live view
+REQUEST_TIMEOUT = 30  # seconds, every API call
+WATCH_SECONDS = 1
+DELETE_WAIT = 120
+RANK_CONTAINER = "ascend"  # the container that runs the rank (k8s_manifests._rank_pods)
+_PODGROUP = ("scheduling.volcano.sh", "v1beta1", "podgroups")
+
+
+@dataclass
+class Target:
+    """How to reach the cluster, like kubectl: kubeconfig (or $KUBECONFIG, or in-cluster), context, namespace."""
+
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespace: str | None = None
+    pvc_dir: str | None = None  # where the job's output PVC is mounted on this machine
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / TARGET_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Target:
+        path = run_dir / TARGET_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+
+
+def api_client(target: Target):
+    from kubernetes import client, config
+
+    try:
+        return config.new_client_from_config(config_file=target.kubeconfig, context=target.context)
+    except (config.ConfigException, FileNotFoundError) as exc:
+        if target.kubeconfig or target.context or "KUBERNETES_SERVICE_HOST" not in os.environ:
+            raise BackendError(f"no usable kubeconfig ({exc}); set KUBECONFIG or pass --kubeconfig") from None
+    configuration = client.Configuration()
+    config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def api_message(exc) -> str:
+    """The API server's own message from an ApiException, else the exception."""
+    try:
+        return json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return str(getattr(exc, "reason", None) or exc)
+
+
+class KubeRun:
+    def __init__(self, plan: LaunchPlan, run_dir: Path, record: RunRecord, target: Target):
+        from kubernetes import client
+
+        self.plan, self.run_dir, self.record, self.target = plan, run_dir, record, target
+        self.objects = run_objects(plan, record.run_id, target.namespace)
+        self.ns = self.objects[0]["metadata"]["namespace"]
+        self.api = api_client(target)
+        self.core, self.custom = client.CoreV1Api(self.api), client.CustomObjectsApi(self.api)
+        self.selector = f"{RUN_LABEL}={record.run_id}"
+        self.rank_of = {o["metadata"]["name"]: int(o["metadata"]["labels"][RANK_LABEL])
+                        for o in self.objects if o["kind"] == "Pod"}
+        self.mirrored: dict[str, int] = {}
+        self.failed_rank: int | None = None
+
+    # --- the API, per kind ---------------------------------------------------------------------
+
+    def call(self, what: str, fn, *args, **kwargs):
+        """One API call with a timeout; a network failure becomes a BackendError naming the server."""
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(*args, **kwargs, _request_timeout=REQUEST_TIMEOUT)
+        except HTTPError as exc:
+            raise BackendError(f"{what}: cannot reach the Kubernetes API at {self.api.configuration.host}: "
+                               f"{exc}") from None
+
+    def create(self, obj: dict):
+        kind, ns = obj["kind"], self.ns
+        what = f"create {kind} {obj['metadata']['name']}"
+        if kind == "PodGroup":
+            return self.call(what, self.custom.create_namespaced_custom_object, *_PODGROUP[:2], ns, _PODGROUP[2], obj)
+        fn = {"ConfigMap": self.core.create_namespaced_config_map, "Service": self.core.create_namespaced_service,
+              "Pod": self.core.create_namespaced_pod}[kind]
+        return self.call(what, fn, ns, obj)
+
+    def delete(self, kind: str, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            if kind == "PodGroup":
+                self.call(f"delete {kind} {name}", self.custom.delete_namespaced_custom_object,
+                          *_PODGROUP[:2], self.ns, _PODGROUP[2], name)
+                return
+            fn = {"ConfigMap": self.core.delete_namespaced_config_map,
+                  "Service": self.core.delete_namespaced_service, "Pod": self.core.delete_namespaced_pod}[kind]
+            self.call(f"delete {kind} {name}", fn, name, self.ns, grace_period_seconds=0)
+        except ApiException as exc:
+            if exc.status != 404:  # already gone is what we want
+                raise BackendError(f"delete {kind} {name}: {api_message(exc)}") from None
+
+    def names(self, kind: str) -> list[str]:
+        """Names of the run's objects of a kind (by label)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            if kind == "PodGroup":
+                found = self.call("list podgroups", self.custom.list_namespaced_custom_object, *_PODGROUP[:2],
+                                  self.ns, _PODGROUP[2], label_selector=self.selector)
+                return [o["metadata"]["name"] for o in found.get("items", [])]
+            fn = {"ConfigMap": self.core.list_namespaced_config_map, "Service": self.core.list_namespaced_service,
+                  "Pod": self.core.list_namespaced_pod}[kind]
+            return [o.metadata.name for o in self.call(f"list {kind}", fn, self.ns, label_selector=self.selector).items]
+        except ApiException as exc:
+            if exc.status == 404:  # the kind is not served (no Volcano), so there is none
+                return []
+            raise BackendError(f"list {kind}: {api_message(exc)}") from None
+
+    # --- up ------------------------------------------------------------------------------------
+
+    def create_all(self, replace: bool) -> None:
+        """Create every object; on any failure delete what was created and raise."""
+        from kubernetes.client.exceptions import ApiException
+
+        created: list[tuple[str, str]] = []
+        try:
+            owner_uid = None
+            for obj in self.objects:
+                kind, name = obj["kind"], obj["metadata"]["name"]
+                if owner_uid:
+                    set_owner(obj, owner_uid)
+                try:
+                    result = self.create(obj)
+                except ApiException as exc:
+                    if exc.status != 409:
+                        raise BackendError(f"{kind} {self.ns}/{name}: the API refused it ({exc.status}): "
+                                           f"{api_message(exc)}") from None
+                    if not replace:
+                        raise BackendError(f"{kind} {self.ns}/{name} already exists; delete it "
+                                           "or pass --replace to replace it") from None
+                    self.delete(kind, name)
+                    self.wait_gone({kind: [name]})
+                    result = self.create(obj)
+                created.append((kind, name))
+                if kind == "ConfigMap":
+                    owner_uid = result.metadata.uid
+                    if not owner_uid:
+                        raise BackendError(f"ConfigMap {name}: the API server returned no uid to own the pods")
+        except BaseException as exc:
+            for kind, name in reversed(created):
+                self.delete(kind, name)
+            if isinstance(exc, BackendError) and created:
+                raise BackendError(f"{exc}\nthe {len(created)} objects created before it were deleted") from None
+            raise
+
+    # --- watching ------------------------------------------------------------------------------
+
+    def pods(self) -> dict:
+        """The run's pods now, from one watch stream of WATCH_SECONDS (it starts with every pod)."""
+        from kubernetes import watch
+
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        pods = {}
+        stream = watch.Watch().stream(self.core.list_namespaced_pod, self.ns, label_selector=self.selector,
+                                      timeout_seconds=WATCH_SECONDS, _request_timeout=WATCH_SECONDS + REQUEST_TIMEOUT)
+        try:
+            for event in stream:
+                pod = event["object"]
+                if event["type"] == "DELETED":
+                    pods.pop(pod.metadata.name, None)
+                elif event["type"] in ("ADDED", "MODIFIED"):
+                    pods[pod.metadata.name] = pod
+        except ApiException as exc:
+            raise BackendError(f"watch pods: {api_message(exc)}") from None
+        except HTTPError as exc:
+            raise BackendError(f"watch pods: cannot reach the Kubernetes API at {self.api.configuration.host}: "
+                               f"{exc}") from None
+        return pods
+
+    def watch(self, view: LiveView, pending_timeout: float) -> tuple[str, str]:
+        """Until every pod succeeds, one fails or is deleted, or pods stay Pending too long."""
+        started = time.monotonic()
+        while True:
+            pods = self.pods()
+            self.mirror(pods)
+            view.update()
+            failed = sorted((finished_at(pod), self.rank_of[name]) for name, pod in pods.items()
+                            if phase(pod) == "Failed")
+            if failed:
+                self.failed_rank = failed[0][1]  # the first to fail; the others may have followed it
+                names = ", ".join(f"{n} (rank {self.rank_of[n]})" for n, p in pods.items() if phase(p) == "Failed")
+                return "failed", f"pods failed: {names}"
+            gone = sorted(set(self.rank_of) - set(pods))
+            if gone:
+                return "failed", f"pods deleted while the job ran: {', '.join(gone)}"
+            if all(phase(p) == "Succeeded" for p in pods.values()):
+                return "succeeded", ""
+            waiting = [name for name, pod in pods.items() if phase(pod) in (None, "Pending")]
+            if waiting and time.monotonic() - started > pending_timeout:
+                return "pending", self.pending_reasons(pods, waiting, pending_timeout)
+
+    def pending_reasons(self, pods: dict, waiting: list[str], timeout: float) -> str:
+        lines = [f"{len(waiting)} pods still Pending after {timeout:.0f}s:"]
+        for name in waiting:
+            events = self.call("list events", self.core.list_namespaced_event, self.ns,
+                               field_selector=f"involvedObject.name={name}").items
+            reasons = [f"{e.reason}: {e.message}" for e in events if e.type == "Warning"]
+            for status in (pods[name].status.container_statuses or []) if pods[name].status else []:
+                if status.state and status.state.waiting and status.state.waiting.reason:
+                    reasons.append(f"{status.state.waiting.reason}: {status.state.waiting.message or ''}")
+            lines.append(f"  {name}: {'; '.join(dict.fromkeys(reasons)) or 'no events'}")
+        return "\n".join(lines)
+
+    def log(self, name: str) -> str | None:
+        """The rank container's log, or None if the pod has none (not started, or gone)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            resp = self.call(f"log of {name}", self.core.read_namespaced_pod_log, name, self.ns,
+                             container=RANK_CONTAINER, _preload_content=False)
+        except ApiException:
+            return None
+        return resp.data.decode(errors="replace")
+
+    def mirror(self, pods: dict) -> Path:
+        """Copy what is new in each started pod's log, and its exit code, into the mirror directory."""
+        mirror = self.run_dir / MIRROR_DIR
+        for name, pod in pods.items():
+            if phase(pod) not in ("Running", "Succeeded", "Failed"):
+                continue
+            slot = self.plan.ranks[self.rank_of[name]]
+            # The whole log each time: the log subresource has no byte offset (sinceTime counts seconds).
+            text = self.log(name)
+            if text is not None:
+                data = text.encode()
+                path = mirror / slot.info_log
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("ab") as f:
+                    f.write(data[self.mirrored.get(name, 0):])
+                self.mirrored[name] = max(len(data), self.mirrored.get(name, 0))
+            code = exit_code(pod)
+            if code is not None:
+                path = mirror / STATUS_DIR / f"rank_{slot.rank}.exit"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"{code}\n")
+        return mirror
+
+    # --- teardown and gather -------------------------------------------------------------------
+
+    def delete_all(self) -> list[str]:
+        """Delete every object of the run (pods first, the owner last) and wait until they are gone."""
+        found = {kind: self.names(kind) for kind in ("Pod", "PodGroup", "Service", "ConfigMap")}
+        for kind, names in found.items():
+            for name in names:
+                self.delete(kind, name)
+        return self.wait_gone(found)
+
+    def wait_gone(self, found: dict[str, list[str]]) -> list[str]:
+        deadline = time.monotonic() + DELETE_WAIT
+        while True:
+            left = [f"{kind} {name}" for kind, names in found.items() for name in names
+                    if name in self.names(kind)]
+            if not left or time.monotonic() > deadline:
+                return [f"still there {DELETE_WAIT}s after deletion: {', '.join(left)}"] if left else []
+            time.sleep(0.5)
+
+    def gather_logs(self) -> None:
+        """Every started pod's log through the API into ranks/rank_N/console.log."""
+        for name, rank in self.rank_of.items():
+            text = self.log(name)
+            if text is not None:
+                dest = self.run_dir / gather.rank_dir(rank) / "console.log"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                partial = dest.with_name(".console.log.partial")
+                partial.write_text(text)
+                os.replace(partial, dest)
+
+    def gather_outputs(self, need_checkpoints: bool) -> list[str]:
+        """The ranks' files under output/ from the output PVC mounted at --pvc-dir. Returns problems."""
+        claim = output_claim(self.objects)
+        if claim is None or not self.target.pvc_dir:
+            why = (f"mount the claim {claim!r} on this machine and pass --pvc-dir" if claim else
+                   "the pods wrote them to an emptyDir, gone with the pods; set cluster.k8s.output_pvc")
+            return [f"the ranks' output/ (logs, checkpoints) was not gathered: {why}"] if need_checkpoints else []
+        root = Path(self.target.pvc_dir)
+        if not root.is_dir():
+            return [f"--pvc-dir {root} is not a directory; the ranks' output/ was not gathered"]
+        paths = [f"output/{p.relative_to(root)}" for p in root.rglob("*") if p.is_file()]
+        consoles = {s.console_log for s in self.plan.ranks}  # from the API instead
+        for item in gather.wanted_from_paths(self.plan, paths):
+            if item.source not in consoles:
+                gather.copy_verified(root / item.source.removeprefix("output/"), self.run_dir / item.dest)
+        missing = [r for r in range(self.plan.world_size)
+                   if not list((self.run_dir / gather.rank_dir(r) / "checkpoint").glob("*.ckpt"))]
+        if need_checkpoints and missing:
+            return [f"rank {r}: no checkpoint found under {root}/checkpoint/rank_{r}/" for r in missing]
+        return []
+
+
+def phase(pod) -> str | None:
+    return pod.status.phase if pod.status else None
+
+
+def finished_at(pod) -> float:
+    for status in (pod.status.container_statuses or []) if pod.status else []:
+        if status.name == RANK_CONTAINER and status.state and status.state.terminated:
+            when = status.state.terminated.finished_at
+            return when.timestamp() if when else float("inf")
+    return float("inf")
+
+
+def exit_code(pod) -> int | None:
+    for status in (pod.status.container_statuses or []) if pod.status else []:
+        if status.name == RANK_CONTAINER and status.state and status.state.terminated:
+            return status.state.terminated.exit_code
+    return None
+
+
+def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console, target: Target,
+            replace: bool, pending_timeout: float) -> tuple[RunRecord, list[str]]:
+    """Create, watch, gather and always delete the run. Returns the final record and the problems."""
+    run = KubeRun(plan, run_dir, record, target)
+    target.save(run_dir)
+    try:
+        run.create_all(replace)
+    except KeyboardInterrupt:
+        raise BackendError("interrupted while creating the objects; those created were deleted") from None
+    record.state = "running"
+    record.save(run_dir)
+    outcome, detail = "interrupted", ""
+    try:
+        with LiveView(plan, run_dir / MIRROR_DIR, console, title=record.run_id) as view:
+            outcome, detail = run.watch(view, pending_timeout)
+    except KeyboardInterrupt:
+        pass
+    except BackendError as exc:  # the API failed while watching: still gather and delete
+        outcome, detail = "error", str(exc)
+    finally:
+        # A second Ctrl-C or SIGTERM must not cut the teardown short and leave pods behind.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        problems = []
+        try:
+            for step in (run.gather_logs, run.delete_all):  # the logs first: they go with the pods
+                try:
+                    problems += step() or []
+                except BackendError as exc:
+                    problems.append(f"{exc}; 'launcher down {record.run_id}' deletes what is left")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    record.finished = time.time()
+    record.state = {"succeeded": "succeeded", "interrupted": "interrupted"}.get(outcome, "failed")
+    record.exit_code = {"succeeded": 0, "interrupted": 130}.get(outcome, 1)
+    if outcome in ("failed", "error"):
+        record.failed_rank = run.failed_rank
+        record.message = detail
+    elif outcome == "pending":
+        record.message = f"{detail}\nevery object of the run was deleted"
+    record.save(run_dir)
+    problems += run.gather_outputs(need_checkpoints=outcome == "succeeded")
+    return record, problems
+
+
+def reconnect(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> KubeRun:
+    return KubeRun(plan, run_dir, record, Target.load(run_dir))

@@ -1,0 +1,206 @@
+"""End-to-end on Kubernetes: the launcher's official-client backend over HTTP against an API emulator,
+with a pod runner playing the kubelet (both test doubles, see k8scluster.py); the ranks are real
+MindSpore/MindFormers processes."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+import k8scluster
+from conftest import EXAMPLES, LAUNCHER, assert_lora_checkpoints, free_port, only_run, run_launcher
+from launcher import gather
+from launcher.runs import RunRecord
+
+pytestmark = pytest.mark.e2e
+CLAIM = "launcher-output"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    built = k8scluster.Cluster(tmp_path / "cluster")
+    yield built
+    built.stop()
+
+
+def write_job(tmp_path, dataset, env=None, **k8s):
+    data = yaml.safe_load((EXAMPLES / "tiny-lora-k8s.yaml").read_text())
+    data["dataset"]["path"] = str(dataset)
+    data["cluster"]["master_port"] = free_port()
+    data["cluster"]["k8s"].update(output_pvc=CLAIM, **k8s)
+    if env:
+        data["env"] = env
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def launcher_env(cluster):
+    return {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+
+
+def up(tmp_path, cluster, job, *extra, timeout=600):
+    return run_launcher("up", job, "--pvc-dir", cluster.runner.pvc_dir(CLAIM), *extra, cwd=tmp_path,
+                        env=launcher_env(cluster), timeout=timeout)
+
+
+def assert_nothing_left(cluster, run_id):
+    deadline = time.monotonic() + 15
+    while (cluster.runner.alive() or cluster.objects(f"launcher/run-id={run_id}")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cluster.objects(f"launcher/run-id={run_id}") == []
+    assert cluster.runner.alive() == []
+    assert cluster.runner.errors == []
+
+
+def test_two_rank_pods_train_together(tmp_path, cluster, tiny_dataset):
+    job = write_job(tmp_path, tiny_dataset)
+    result = up(tmp_path, cluster, job)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = only_run(tmp_path)
+    run_id = run_dir.name
+    assert_lora_checkpoints(run_dir, world=2)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for rank in ("0", "1"):
+        assert summary["ranks"][rank]["steps"] == 16 and math.isfinite(summary["ranks"][rank]["last_loss"])
+        console = (run_dir / "ranks" / f"rank_{rank}" / "console.log").read_text()
+        assert "loss" in console  # the pod's log, read through the API
+    assert gather.verify_manifest(run_dir) == []
+    # Names are unique per run, every object carries the run id, and the pods are owned by the ConfigMap.
+    short = run_id.removeprefix("tiny-lora-k8s-")
+    pods = {name: pod for name, pod in cluster.runner.seen.items() if short in name}
+    assert sorted(pods) == [f"tiny-lora-k8s-{short}-rank-0", f"tiny-lora-k8s-{short}-rank-1"]
+    owners = {pod["metadata"]["ownerReferences"][0]["uid"] for pod in pods.values()}
+    assert len(owners) == 1 and owners != {"00000000-0000-0000-0000-000000000000"}
+    assert all(pod["metadata"]["labels"]["launcher/run-id"] == run_id for pod in pods.values())
+    assert_nothing_left(cluster, run_id)
+    # logs and gather reach the run again; the pods are gone, so logs come from what was gathered.
+    logs = run_launcher("logs", run_id, "--rank", "1", cwd=tmp_path, env=launcher_env(cluster))
+    assert logs.returncode == 0, logs.stderr
+    assert "loss" in logs.stdout
+    again = run_launcher("gather", run_id, cwd=tmp_path, env=launcher_env(cluster))
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_failed_pod_stops_the_other(tmp_path, cluster, tiny_dataset):
+    job = write_job(tmp_path, tiny_dataset, env={"LAUNCHER_FAULT": "1:3"})
+    result = up(tmp_path, cluster, job)
+    assert result.returncode == 1, result.stdout + result.stderr
+    run_dir = only_run(tmp_path)
+    short = run_dir.name.removeprefix("tiny-lora-k8s-")
+    assert f"error: rank 1 failed (pod tiny-lora-k8s-{short}-rank-1)" in result.stderr
+    assert "LAUNCHER_FAULT: rank 1 fails at step 3" in result.stderr
+    assert RunRecord.load(run_dir).failed_rank == 1
+    for rank in (0, 1):  # gathered although the run failed
+        assert (run_dir / "ranks" / f"rank_{rank}" / "console.log").is_file()
+        assert (run_dir / "ranks" / f"rank_{rank}" / "log" / "info.log").is_file()
+    assert gather.verify_manifest(run_dir) == []
+    assert_nothing_left(cluster, run_dir.name)
+
+
+def ascend_job(tmp_path, dataset):
+    """The same job on Ascend: its pods request huawei.com/Ascend910, which the test node does not have."""
+    job = write_job(tmp_path, dataset)
+    job.write_text(job.read_text().replace("device: cpu", "device: ascend"))
+    return job
+
+
+def test_unschedulable_pods_are_reported_and_deleted(tmp_path, cluster, tiny_dataset):
+    result = up(tmp_path, cluster, ascend_job(tmp_path, tiny_dataset), "--pending-timeout", "3", timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "2 pods still Pending after 3s" in result.stderr
+    assert "FailedScheduling: 0/1 nodes are available: 1 Insufficient huawei.com/Ascend910." in result.stderr
+    assert "every object of the run was deleted" in result.stderr
+    assert_nothing_left(cluster, only_run(tmp_path).name)
+
+
+def test_existing_object_is_refused_unless_replaced(tmp_path, cluster, tiny_dataset):
+    # The names carry the run id's time stamp: take every name of the next 30 seconds.
+    now = time.time()
+    for second in range(30):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now + second))
+        cluster.runner.core.create_namespaced_config_map("default", {"metadata": {"name": f"tiny-lora-k8s-{stamp}-plan"}})
+    job = ascend_job(tmp_path, tiny_dataset)
+    refused = up(tmp_path, cluster, job, timeout=120)
+    assert refused.returncode == 1
+    assert "ConfigMap default/tiny-lora-k8s-" in refused.stderr and "already exists" in refused.stderr
+    assert "--replace" in refused.stderr
+    assert not list((tmp_path / "runs").iterdir())  # nothing started, no run left
+    assert cluster.objects("app.kubernetes.io/name=tiny-lora-k8s") == []
+    replaced = up(tmp_path, cluster, job, "--replace", "--pending-timeout", "2", timeout=120)
+    assert "2 pods still Pending" in replaced.stderr, replaced.stdout + replaced.stderr
+    assert_nothing_left(cluster, only_run(tmp_path).name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_deletes_everything(tmp_path, cluster, tiny_dataset, sig):
+    job = write_job(tmp_path, tiny_dataset)
+    proc = subprocess.Popen([LAUNCHER, "up", str(job), "--pvc-dir", str(cluster.runner.pvc_dir(CLAIM))], cwd=tmp_path,
+                            env=launcher_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(cluster.runner.pvc_dir(CLAIM).glob("log/rank_*/info.log"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    run_id = only_run(tmp_path).name
+    live = run_launcher("logs", run_id, cwd=tmp_path, env=launcher_env(cluster))  # from the running pods
+    assert live.returncode == 0, live.stderr
+    assert "[rank 0] " in live.stdout and "[rank 1] " in live.stdout
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    run_dir = only_run(tmp_path)
+    assert RunRecord.load(run_dir).state == "interrupted"
+    assert_nothing_left(cluster, run_dir.name)
+
+
+def test_status_and_down_reach_a_running_run(tmp_path, cluster, tiny_dataset):
+    job = ascend_job(tmp_path, tiny_dataset)  # its pods stay Pending: the run waits until it is deleted
+    proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, env=launcher_env(cluster),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "runs").glob("*/run.json")) or RunRecord.load(only_run(tmp_path)).state != "running":
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    run_id = only_run(tmp_path).name
+    status = run_launcher("status", run_id, cwd=tmp_path, env=launcher_env(cluster))
+    assert status.returncode == 0, status.stderr
+    assert f"pod tiny-lora-k8s-{run_id.removeprefix('tiny-lora-k8s-')}-rank-1 (rank 1): Pending" in status.stdout
+    down = run_launcher("down", run_id, cwd=tmp_path, env=launcher_env(cluster))
+    assert down.returncode == 0, down.stderr
+    assert f"every object with label launcher/run-id={run_id} is deleted" in down.stdout
+    assert cluster.objects(f"launcher/run-id={run_id}") == []
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "pods deleted while the job ran" in stderr
+    assert_nothing_left(cluster, run_id)
+
+
+def test_refused_object_is_named_and_the_rest_deleted(tmp_path, cluster, tiny_dataset):
+    cluster.api.emulator.refuse["-rank-1"] = (
+        403, "Forbidden", 'pods "{name}" is forbidden: exceeded quota: npu, requested: huawei.com/Ascend910=1')
+    result = up(tmp_path, cluster, write_job(tmp_path, tiny_dataset), timeout=120)
+    assert result.returncode == 1
+    assert "Pod default/tiny-lora-k8s-" in result.stderr and "-rank-1: the API refused it (403): pods" in result.stderr
+    assert "is forbidden: exceeded quota: npu" in result.stderr
+    assert "the 3 objects created before it were deleted" in result.stderr  # ConfigMap, Service, rank 0's pod
+    assert not list((tmp_path / "runs").iterdir())
+    assert cluster.objects("app.kubernetes.io/name=tiny-lora-k8s") == []
+    deadline = time.monotonic() + 15
+    while cluster.runner.alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cluster.runner.alive() == []
+
+
+def test_no_kubeconfig_starts_nothing(tmp_path, tiny_dataset):
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    env.update(KUBECONFIG=str(tmp_path / "missing"), HOME=str(tmp_path))
+    result = run_launcher("up", write_job(tmp_path, tiny_dataset), cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 1
+    assert "no usable kubeconfig" in result.stderr and "Traceback" not in result.stderr
+    assert not list((tmp_path / "runs").iterdir())
