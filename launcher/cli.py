@@ -184,11 +184,7 @@ def _run_local(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> None:
         signal.signal(signal.SIGTERM, previous)
     out.print("gathering ...")
     summary = local.gather_run(plan, run_dir, record)
-    tail = ""
-    if record.failed_rank is not None:
-        log = run_dir / plan.ranks[record.failed_rank].console_log
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.is_file() else ""
-    _report(plan, run_dir, record, summary, tail, [])
+    _report(plan, run_dir, record, summary, _failed_rank_tail(run_dir, record), [])
 
 
 def _run_ssh(plan: LaunchPlan, run_dir: Path, record: RunRecord, accept_new: bool, kill_stale: bool) -> None:
@@ -220,11 +216,15 @@ def _run_k8s(plan: LaunchPlan, run_dir: Path, record: RunRecord, target, replace
         signal.signal(signal.SIGTERM, previous)
     out.print("gathered; verifying ...")
     summary = gather.finish(plan, run_dir, record)
-    tail = ""
-    if record.failed_rank is not None:
-        log = run_dir / gather.rank_dir(record.failed_rank) / "console.log"
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.is_file() else ""
-    _report(plan, run_dir, record, summary, tail, problems)
+    _report(plan, run_dir, record, summary, _failed_rank_tail(run_dir, record), problems)
+
+
+def _failed_rank_tail(run_dir: Path, record: RunRecord, lines: int = 20) -> str:
+    """The end of the failing rank's gathered console log."""
+    if record.failed_rank is None:
+        return ""
+    log = run_dir / gather.rank_dir(record.failed_rank) / "console.log"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
 
 
 def _report(plan: LaunchPlan, run_dir: Path, record: RunRecord, summary: dict, tail: str,
