@@ -46,6 +46,7 @@ def values(job: Job, pod_files: dict[str, str], slots) -> dict:
         "planMount": km.PLAN_MOUNT,
         "workDir": km.WORK_DIR,
         "schedulerLog": km.SCHEDULER_LOG,
-        "files": [{"key": km.configmap_key(p), "path": p, "content": t} for p, t in pod_files.items()],
+        "files": [{"key": km.configmap_key(p), "path": p, "content": t, "mount": km.pod_reads(p)}
+                  for p, t in pod_files.items()],
         "ranks": [{"rank": s.rank, "device": s.device, "consoleLog": s.console_log} for s in slots],
     }

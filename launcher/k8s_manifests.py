@@ -166,13 +166,21 @@ def _container(job: Job, name: str, command: list[str], env: list[dict], npus: i
     return container
 
 
-def _volumes(job: Job, plan_files: dict[str, str]) -> list[dict]:
+def pod_reads(path: str, own_script: str | None = None) -> bool:
+    """Whether a pod mounts this plan file: the shared files, and of the per-node ones only its own script.
+    Mounting every node's files in every pod would make the manifests grow with nodes × pods."""
+    per_node = path.startswith("nodes/") or path.startswith("ranktable/node-")
+    return not per_node or path == own_script
+
+
+def _volumes(job: Job, plan_files: dict[str, str], own_script: str | None) -> list[dict]:
     volumes = [
         {
             "name": "plan",
             "configMap": {
                 "name": f"{job.name}-plan",
-                "items": [{"key": configmap_key(path), "path": path} for path in plan_files],
+                "items": [{"key": configmap_key(path), "path": path} for path in plan_files
+                          if pod_reads(path, own_script)],
             },
         },
         {"name": "work", "emptyDir": {}},
@@ -185,7 +193,8 @@ def _volumes(job: Job, plan_files: dict[str, str]) -> list[dict]:
     return volumes
 
 
-def _pod_spec(job: Job, plan_files: dict[str, str], containers: list[dict], volcano: bool) -> dict:
+def _pod_spec(job: Job, plan_files: dict[str, str], containers: list[dict], volcano: bool,
+              own_script: str | None = None) -> dict:
     k8s = job.cluster.k8s
     spec: dict = {"restartPolicy": "Never"}
     if volcano:
@@ -214,7 +223,7 @@ def _pod_spec(job: Job, plan_files: dict[str, str], containers: list[dict], volc
     if k8s.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": name} for name in k8s.image_pull_secrets]
     spec["containers"] = containers
-    spec["volumes"] = _volumes(job, plan_files)
+    spec["volumes"] = _volumes(job, plan_files, own_script)
     return spec
 
 
@@ -285,7 +294,7 @@ def _node_pods(job: Job, plan_files: dict[str, str], steps) -> dict[str, dict]:
         containers = [_container(job, "ascend", command, [], npus=len(step.ranks))]
         name = f"{job.name}-node-{step.index}"
         scheduler = dynamic_cluster(job) and step.node_rank == 0
-        spec = _pod_spec(job, plan_files, containers, volcano)
+        spec = _pod_spec(job, plan_files, containers, volcano, own_script=step.script)
         pods[name] = _pod(job, name, spec, scheduler, **{"launcher/node": str(step.index)})
     return pods
 

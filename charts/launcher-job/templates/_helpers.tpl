@@ -87,7 +87,9 @@ volumes:
       name: {{ .Values.name }}-plan
       items:
         {{- range .Values.files }}
+        {{- if .mount }}
         - {key: {{ .key }}, path: {{ .path }}}
+        {{- end }}
         {{- end }}
   - {name: work, emptyDir: {}}
   - {name: dshm, emptyDir: {medium: Memory}}
