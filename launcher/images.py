@@ -23,7 +23,7 @@ from pydantic import (
 
 from launcher.errors import ConfigError
 from launcher.render import data_dir
-from launcher.spec import read_yaml_file
+from launcher.spec import ENV_NAME_RE, read_yaml_file
 
 PLATFORMS = {"aarch64": "linux/arm64", "x86_64": "linux/amd64"}
 RUN_USER = "HwHiAiUser"  # the NPU driver's default running user and group
@@ -60,7 +60,6 @@ _IMAGE_RE = re.compile(
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:[.-]?(?:rc|post)\d+)?$")
 _PIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!-]+$")
 _REF_RE = re.compile(r"^(v?\d+\.\d+\.\d+[A-Za-z0-9.-]*|[0-9a-f]{40})$")  # a release tag or a commit
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Problem(ValueError):
@@ -270,7 +269,7 @@ def check_entry(entry: ImageEntry) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", pkg):
             raise _Problem(f"apt_packages[{i}]", f"'{pkg}' is not a package name")
     for key, value in entry.env.items():
-        if not _ENV_KEY_RE.match(key):
+        if not ENV_NAME_RE.match(key):
             raise _Problem("env", f"'{key}' is not a valid environment variable name")
         _check_safe(f"env.{key}", value)
 

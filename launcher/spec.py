@@ -34,6 +34,7 @@ SUPPORTED = {
 }
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Strict(BaseModel):
@@ -272,7 +273,7 @@ class Job(Strict):
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
         for key in v:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            if not ENV_NAME_RE.match(key):
                 raise ValueError(f"'{key}' is not a valid environment variable name")
         return v
 

@@ -224,7 +224,7 @@ class PodRunner:
                          - NODE_RESOURCES)
         if missing:
             self.unschedulable.add(key)
-            message = f"0/1 nodes are available: " + ", ".join(f"1 Insufficient {r}" for r in missing) + "."
+            message = "0/1 nodes are available: " + ", ".join(f"1 Insufficient {r}" for r in missing) + "."
             self.core.create_namespaced_event(ns, {
                 "metadata": {"name": f"{name}.{uuid.uuid4().hex[:8]}", "namespace": ns},
                 "involvedObject": {"kind": "Pod", "name": name, "namespace": ns},

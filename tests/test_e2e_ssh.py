@@ -59,16 +59,12 @@ def write_job(tmp_path, cluster, dataset, launch="msrun", env=None, workdirs=Non
     return path
 
 
-
-
 def assert_nothing_left(run_id):
     # This test runs in the hosts' parent PID namespace, so it sees the processes of every host.
     deadline = time.monotonic() + 15
     while nodectl.run_processes(run_id) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert nodectl.run_processes(run_id) == []
-
-
 
 
 @pytest.mark.parametrize("launch", ["msrun", "ranktable"])
