@@ -1,4 +1,4 @@
-"""The command line: this module and cli_ascend.py are the only places that print errors or exit."""
+"""The command line: this module and the cli_*.py modules are the only places that print errors or exit."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from launcher import cli_ascend, gather
+from launcher import cli_ascend, cli_predict, gather
 from launcher.console import err, out, reports_errors
 from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, ConfigError, LauncherError
@@ -444,6 +444,7 @@ def dataset_tiny(path: str, force: bool) -> None:
 main.add_command(cli_ascend.ranktable_cmd)
 main.add_command(cli_ascend.preflight_cmd)
 main.add_command(cli_ascend.image)
+main.add_command(cli_predict.predict_cmd)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""`launcher predict`: a quick generation check of a finished run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from launcher.console import err, out, reports_errors
+from launcher.runs import find_run
+
+
+@click.command("predict")
+@click.argument("run")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="text to continue (repeat for several)")
+@click.option("--checkpoint", help="checkpoint to load (default: the run's merged-lora/, else merged/)")
+@click.option("--tokenizer", help="tokenizer.model, or a directory with vocab.json and merges.txt "
+              "(default: the one the run's data: section used)")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--runs-dir", default="runs", show_default=True, help="where run directories are")
+@reports_errors
+def predict_cmd(run: str, prompts: tuple[str, ...], checkpoint: str | None, tokenizer: str | None,
+                max_new_tokens: int, runs_dir: str) -> None:
+    """Generate from RUN's merged checkpoint with the MindFormers text-generation pipeline.
+
+    \b
+    Loads the checkpoint into the run's own model config (use_past on Ascend; on the CPU,
+    where incremental decoding has no kernels, each step recomputes the sequence), greedy.
+    Logs go to runs/<id>/predict/predict.log, the answers to runs/<id>/predict/result.json.
+    """
+    from launcher.predict import predict
+
+    run_dir = find_run(run, Path(runs_dir))
+    with err.status(f"loading {run_dir.name} and generating…"):
+        result = predict(run_dir, list(prompts), checkpoint, tokenizer, max_new_tokens)
+    err.print(f"checkpoint {result['checkpoint']} (use_past={result['use_past']})")
+    for item in result["outputs"]:
+        out.print(item["text"], markup=False)
