@@ -12,6 +12,8 @@ from launcher.errors import ConfigError
 
 RUN_FILE = "run.json"
 PLAN_DIR = "plan"
+# A dataset prepared on this machine for a remote run: staged with the plan, read as data/<file> on the nodes.
+RUN_DATA_DIR = "data"
 
 
 @dataclass

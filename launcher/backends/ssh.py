@@ -23,7 +23,7 @@ from launcher.errors import BackendError, TransportError
 from launcher.liveview import LiveView, rank_exit_codes
 from launcher.plan import STATUS_DIR, LaunchPlan, NodeStep
 from launcher.render import render_template
-from launcher.runs import PLAN_DIR, RunRecord
+from launcher.runs import PLAN_DIR, RUN_DATA_DIR, RunRecord
 
 NODECTL = "nodectl.py"
 MIRROR_DIR = "mirror"  # local copies of the ranks' progress files, for the live view
@@ -134,6 +134,9 @@ class SshRun:
                                           recurse=True), "put plan")
             for item in ("start.sh", NODECTL):
                 await node.call(node.sftp.put(str(bundle / item), posixpath.join(staging, item)), f"put {item}")
+            if (self.run_dir / RUN_DATA_DIR).is_dir():  # a dataset prepared here, read as data/... on the node
+                await node.call(node.sftp.put(str(self.run_dir / RUN_DATA_DIR), posixpath.join(staging, RUN_DATA_DIR),
+                                              recurse=True), "put the prepared dataset")
             await node.call(node.sftp.posix_rename(staging, target), f"rename {target}")
 
         _, errors = await transport.gather_results(stage(s) for s in self.nodes)
