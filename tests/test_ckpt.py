@@ -203,3 +203,133 @@ def test_merge_pipeline_stages_merges_their_strategies(tmp_path):
     np.testing.assert_array_equal(got["layers.0.w"], first)
     np.testing.assert_array_equal(got["layers.1.w"], second)
     assert "2 pipeline stages" in merged.how
+
+
+# ---- merge-lora: real tiny Llama models ----
+
+TINY_LORA = REPO / "configs" / "mindformers" / "tiny_llama" / "lora.yaml"
+
+
+def tiny_models(lora: bool):
+    """LlamaForCausalLM of the tiny CPU config, float32, eval mode; with lora, wrapped by get_pet_model
+    as MindFormers does for a pet_config (mindformers/pet/pet_model.py)."""
+    from mindformers import LlamaConfig, LlamaForCausalLM
+    from mindformers.pet import get_pet_model
+
+    cfg = yaml.safe_load(TINY_LORA.read_text())["model"]["model_config"]
+    cfg.pop("type")
+    pet = cfg.pop("pet_config")
+    net = LlamaForCausalLM(LlamaConfig(**cfg))
+    if lora:
+        net = get_pet_model(net, dict(pet))
+    net.set_train(False)
+    return net, pet
+
+
+def logits(net, tokens) -> np.ndarray:
+    return net(ms.Tensor(tokens, ms.int32))[0].asnumpy()
+
+
+def test_merged_lora_gives_the_logits_of_base_plus_adapter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MindFormers writes output/ (logs, adapter_config.json) in the cwd
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    ms.set_seed(0)
+    base_net, _ = tiny_models(lora=False)
+    base_ckpt = tmp_path / "base.ckpt"
+    ms.save_checkpoint(base_net, str(base_ckpt))
+
+    lora_net, pet = tiny_models(lora=True)
+    ms.load_param_into_net(lora_net, ms.load_checkpoint(str(base_ckpt)))
+    # B starts at zero, where folding changes nothing; give A and B values as after training.
+    rng = np.random.default_rng(3)
+    adapter = {}
+    for p in lora_net.get_parameters():
+        if "mindpet_delta_lora" in p.name:
+            p.set_data(ms.Tensor(rng.normal(0, 0.2, p.shape).astype(np.float32)))
+            adapter[p.name] = p.asnumpy()
+    assert len(adapter) == 16
+    tokens = rng.integers(0, 256, (2, 32))
+    expected = logits(lora_net, tokens)
+    assert np.abs(expected - logits(base_net, tokens)).max() > 1e-2  # the adapter matters
+
+    # A run whose merged checkpoint holds the adapter, next to frozen weights and training state.
+    run_dir = fake_run(tmp_path, [], pet=pet)
+    save({**{k: v.asnumpy() for k, v in ms.load_checkpoint(str(base_ckpt)).items()}, **adapter,
+          "global_step": np.array([16], np.int32)}, run_dir / "merged" / "llama_tiny-1_16.ckpt")
+    folded = ckpt_lora.merge_lora(run_dir, base_ckpt)
+    assert folded.layers == 8 and folded.rank == 4 and folded.alpha == 8 and folded.base_differs == []
+    params = ms.load_checkpoint(str(folded.path))
+    assert sorted(params) == sorted(ms.load_checkpoint(str(base_ckpt)))  # no LoRA, no training state
+
+    plain, _ = tiny_models(lora=False)
+    not_loaded, _ = ms.load_param_into_net(plain, params)
+    assert not_loaded == []
+    np.testing.assert_allclose(logits(plain, tokens), expected, atol=1e-4, rtol=0)
+
+
+def test_merge_lora_refusals(tmp_path):
+    run_dir = fake_run(tmp_path, [model_params()])
+    base = save(model_params(), tmp_path / "base.ckpt")
+    with pytest.raises(ConfigError, match="not a LoRA run"):
+        ckpt_lora.merge_lora(run_dir, base)
+    lora_run = fake_run(tmp_path, [model_params()], pet={"pet_type": "lora", "lora_rank": 2, "lora_alpha": 4},
+                        run_id="lora-1")
+    with pytest.raises(ConfigError, match="ckpt merge lora-1"):
+        ckpt_lora.merge_lora(lora_run, base)
+    adapter = save({"model.q.mindpet_delta_lora_a": np.ones((2, 4), np.float32),
+                    "model.q.mindpet_delta_lora_b": np.ones((4, 2), np.float32)}, tmp_path / "adapter.ckpt")
+    with pytest.raises(ConfigError, match="no model.q.weight"):
+        ckpt_lora.merge_lora(lora_run, base, adapter)
+
+
+# ---- end to end: a real 2-rank LoRA run ----
+
+@pytest.mark.e2e
+def test_ckpt_commands_on_a_real_lora_run(tmp_path, tiny_dataset):
+    job = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
+    job["dataset"]["path"] = str(tiny_dataset)
+    job["cluster"]["master_port"] = free_port()
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    up = run_launcher("up", "job.yaml", cwd=tmp_path)
+    assert up.returncode == 0, up.stdout + up.stderr
+    run_dir = only_run(tmp_path)
+    rank0 = next((run_dir / "ranks/rank_0/checkpoint").glob("*.ckpt"))
+    trained = load(rank0)
+    # The base is the run's own frozen weights: on the CPU a multi-rank run cannot load checkpoint.load
+    # (MindFormers' preload_ckpt calls barrier(), which has no CPU kernel).
+    base = save({k: v for k, v in trained.items() if not ckpt.is_training_state(k) and "lora" not in k},
+                tmp_path / "base.ckpt")
+
+    filtered = run_launcher("ckpt", "filter", run_dir.name, cwd=tmp_path)
+    assert filtered.returncode == 0, filtered.stderr
+    for rank in (0, 1):
+        src = next((run_dir / f"ranks/rank_{rank}/checkpoint").glob("*.ckpt"))
+        dest = run_dir / "filtered" / f"rank_{rank}" / src.name
+        row = next(line for line in filtered.stdout.splitlines() if src.name in line)
+        assert f"{src.stat().st_size / 1024:.1f} KiB" in row and f"{dest.stat().st_size / 1024:.1f} KiB" in row
+        assert not any(ckpt.is_training_state(k) for k in load(dest))
+
+    merged = run_launcher("ckpt", "merge", run_dir.name, cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    assert "data parallel: 2 ranks agree" in merged.stdout
+    merged_file = run_dir / "merged" / "llama_tiny-1_16.ckpt"
+    got = load(merged_file)
+    assert sorted(got) == sorted(k for k in trained if not ckpt.is_training_state(k))
+
+    folded = run_launcher("ckpt", "merge-lora", run_dir.name, "--base", base, cwd=tmp_path)
+    assert folded.returncode == 0, folded.stderr
+    assert "folded 8 LoRA layers" in folded.stdout and "r=4, alpha=8" in folded.stdout
+    assert "warning" not in folded.stderr
+    out = load(run_dir / "merged-lora" / "llama_tiny-1_16.ckpt")
+    assert sorted(out) == sorted(load(base))
+    wq = "model.layers.0.attention.wq"
+    expected = got[f"{wq}.weight"] + 2.0 * got[f"{wq}.mindpet_delta_lora_b"] @ got[f"{wq}.mindpet_delta_lora_a"]
+    np.testing.assert_allclose(out[f"{wq}.weight"], expected, atol=1e-6)
+    assert not np.allclose(out[f"{wq}.weight"], got[f"{wq}.weight"])  # training moved B off zero
+    for sub in ("merged", "merged-lora"):
+        check = subprocess.run("sha256sum -c *.sha256", shell=True, cwd=run_dir / sub, capture_output=True, text=True)
+        assert check.returncode == 0 and ": OK" in check.stdout, check.stdout + check.stderr
+
+    refused = run_launcher("ckpt", "merge-lora", run_dir.name, "--base", base, cwd=tmp_path)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    shutil.rmtree(run_dir / "merged-lora")
