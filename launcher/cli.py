@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from launcher import cli_ascend, cli_predict, gather
+from launcher import cli_ascend, cli_ckpt, cli_predict, gather
 from launcher.console import err, out, reports_errors
 from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, ConfigError, LauncherError
@@ -445,6 +445,7 @@ main.add_command(cli_ascend.ranktable_cmd)
 main.add_command(cli_ascend.preflight_cmd)
 main.add_command(cli_ascend.image)
 main.add_command(cli_predict.predict_cmd)
+main.add_command(cli_ckpt.ckpt_cmd)
 
 
 if __name__ == "__main__":

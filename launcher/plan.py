@@ -92,7 +92,8 @@ class LaunchPlan:
             f"output/log/rank_{rank}/*",
             slot.console_log,
             f"output/checkpoint/rank_{rank}/*",
-            f"output/strategy/*rank_{rank}*",
+            # MindFormers names them ckpt_strategy_rank_N.ckpt; the dot keeps rank 1 from taking rank 10's.
+            f"output/strategy/*rank_{rank}.*",
         ]
 
     def to_json(self) -> str:
