@@ -361,6 +361,9 @@ def check_job(job: Job) -> None:
         raise _FieldProblem(
             "parallel", "MindSpore on CPU runs data parallel only; set model_parallel and pipeline_stage to 1"
         )
+    if cluster.device == "cpu" and job.checkpoint.auto_trans:
+        # Transforming a checkpoint has one rank write while the others wait at a barrier: no CPU kernel.
+        raise _FieldProblem("checkpoint.auto_trans", "needs Ascend; on the CPU load a whole (merged) checkpoint")
     if p.pipeline_stage > 1 and p.micro_batch_num < p.pipeline_stage:
         raise _FieldProblem("parallel.micro_batch_num", "must be at least pipeline_stage to fill the pipeline")
     if cluster.backend == "k8s":

@@ -8,7 +8,7 @@ import yaml
 from conftest import EXAMPLES, free_port, run_launcher
 
 from launcher.errors import ConfigError
-from launcher.spec import parse_devices, parse_job
+from launcher.spec import load_job, parse_devices, parse_job
 
 BASE = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
 
@@ -189,3 +189,12 @@ def test_cli_dry_run_writes_artifacts_and_starts_nothing(tmp_path, job_env):
     assert (tmp_path / "out" / "nodes" / "node-0" / "launch.sh").is_file()
     assert "output/msrun_log/worker_1.log" in result.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_auto_trans_needs_ascend(tmp_path):
+    job = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
+    job["checkpoint"] = {"load": "base.ckpt", "auto_trans": True}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    with pytest.raises(ConfigError, match=r"checkpoint.auto_trans: needs Ascend"):
+        load_job(path)

@@ -34,6 +34,22 @@ def _use_cpu_overflow_check():
     loss_scale.TrainOneStepWithLossScaleCell.get_overflow_status = overflow_status
 
 
+def _use_cpu_barrier():
+    """MindFormers syncs the ranks with comm_func.barrier around checkpoint loading; it has no CPU kernel.
+
+    On the CPU every rank reads the same whole checkpoint (the launcher refuses auto_trans there), so no
+    rank waits for another's file and the barrier can be skipped.
+    """
+    from mindformers.trainer import utils as trainer_utils
+    from mindformers.utils import load_checkpoint_utils
+
+    def no_barrier(*args, **kwargs):
+        return None
+
+    trainer_utils.barrier = no_barrier
+    load_checkpoint_utils.barrier = no_barrier
+
+
 def _fault_callbacks(rank):
     spec = os.environ.get("LAUNCHER_FAULT", "")
     if not spec:
@@ -59,6 +75,7 @@ def main(config_path):
     config = MindFormerConfig(config_path)
     if str(config.context.device_target).upper() == "CPU":
         _use_cpu_overflow_check()
+        _use_cpu_barrier()
     build_context(config)
     rank = os.environ.get("RANK_ID", "0")
     trainer = Trainer(
@@ -67,7 +84,9 @@ def main(config_path):
         train_dataset=config.train_dataset.data_loader.dataset_dir,
         callbacks=_fault_callbacks(rank),
     )
-    trainer.finetune()
+    # finetune() without an argument clears load_checkpoint; passing it loads those weights. With
+    # resume_training off (the rendered config's default) only the weights are taken, not the step.
+    trainer.finetune(resume_from_checkpoint=config.load_checkpoint or None)
 
 
 if __name__ == "__main__":
