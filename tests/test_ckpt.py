@@ -295,8 +295,7 @@ def test_ckpt_commands_on_a_real_lora_run(tmp_path, tiny_dataset):
     run_dir = only_run(tmp_path)
     rank0 = next((run_dir / "ranks/rank_0/checkpoint").glob("*.ckpt"))
     trained = load(rank0)
-    # The base is the run's own frozen weights: on the CPU a multi-rank run cannot load checkpoint.load
-    # (MindFormers' preload_ckpt calls barrier(), which has no CPU kernel).
+    # The base is the run's own frozen weights; test_e2e_pipeline.py starts a run from a saved base instead.
     base = save({k: v for k, v in trained.items() if not ckpt.is_training_state(k) and "lora" not in k},
                 tmp_path / "base.ckpt")
 
