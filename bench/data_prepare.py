@@ -60,12 +60,12 @@ def baseline(source: str, tokenizer_path: str, out: str) -> int:
     import numpy as np
 
     from launcher.data_prepare import BadRow, read_rows, row_turns
-    from launcher.dataset import atomic_mindrecord
+    from launcher.dataset import PREPARED_PAGES, atomic_mindrecord
     from launcher.tokenization import IGNORE_INDEX, load_tokenizer, template_parts
 
     tok = load_tokenizer(tokenizer_path)
     length, written, batch = SEQ_LENGTH + 1, 0, []
-    with atomic_mindrecord(Path(out), "baseline") as writer:
+    with atomic_mindrecord(Path(out), "baseline", **PREPARED_PAGES) as writer:
         for _, item in read_rows(Path(source)):
             try:
                 turns = row_turns(item, "alpaca")
@@ -99,7 +99,9 @@ def measured(argv: list[str]) -> tuple[float, float]:
                "dt = time.perf_counter() - t\n"
                "assert r.returncode == 0, r.stderr\n"
                "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
-    result = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{argv[:4]} failed:\n{result.stderr[-2000:]}")
     seconds, kib = result.stdout.split()
     return float(seconds), int(kib) / 1024
 

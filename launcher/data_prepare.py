@@ -8,6 +8,7 @@ with the dataset. The output appears only when it is whole (see dataset.atomic_m
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,9 @@ from typing import Iterator
 from launcher.errors import ConfigError
 
 CHUNK_ROWS = 256  # rows per task: large enough to amortize pickling, small enough to keep workers busy
+# Chunks in flight per worker: enough to keep the workers busy while this process loads MindSpore
+# (about a second) for the writer, few enough that memory stays flat (a chunk is about 2 MB of results).
+IN_FLIGHT = 8
 READ_BYTES = 1 << 20
 SKIPPED_SHOWN = 20
 
@@ -224,26 +228,37 @@ class Report:
         return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def _results(chunks: Iterator[list], workers: int, init_args: tuple):
-    """encode_chunk over the chunks, in order; with several workers, at most 2 chunks each in flight."""
+def start_pool(workers: int, init_args: tuple):
+    """A pool of tokenizing processes (None for one worker: the work runs in this process).
+
+    Forked while MindSpore is not loaded yet (cheap: no re-import), else spawned: MindSpore's
+    threads do not survive a fork.
+    """
     if workers <= 1:
+        return None
+    import multiprocessing
+    import sys
+
+    method = "spawn" if "mindspore" in sys.modules else "fork"
+    return multiprocessing.get_context(method).Pool(workers, init_worker, init_args)
+
+
+def _results(chunks: Iterator[list], pool, workers: int, init_args: tuple):
+    """encode_chunk over the chunks, in order; with a pool, at most IN_FLIGHT chunks per worker queued."""
+    if pool is None:
         init_worker(*init_args)
         for chunk in chunks:
             yield len(chunk), encode_chunk(chunk)
         return
-    import multiprocessing
-
-    # spawn: the parent has MindSpore loaded, whose threads do not survive a fork.
-    with multiprocessing.get_context("spawn").Pool(workers, init_worker, init_args) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append((len(chunk), pool.apply_async(encode_chunk, (chunk,))))
-            if len(pending) >= 2 * workers:
-                n, result = pending.popleft()
-                yield n, result.get()
-        while pending:
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append((len(chunk), pool.apply_async(encode_chunk, (chunk,))))
+        if len(pending) >= IN_FLIGHT * workers:
             n, result = pending.popleft()
             yield n, result.get()
+    while pending:
+        n, result = pending.popleft()
+        yield n, result.get()
 
 
 def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, workers: int = 1,
@@ -252,7 +267,7 @@ def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, wor
 
     Bad rows are skipped and listed in the report, or with `strict` end the run with nothing written.
     """
-    from launcher.dataset import atomic_mindrecord, refuse_existing
+    from launcher.dataset import refuse_existing
 
     source, out = Path(source), Path(out)
     if not source.is_file():
@@ -266,9 +281,28 @@ def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, wor
     report = Report(out)
     started = time.perf_counter()
     chunks = chunked(read_rows(source), CHUNK_ROWS)
-    with atomic_mindrecord(out, f"{fmt} conversations, vicuna template, {length} tokens") as writer:
+    init_args = (str(tokenizer), fmt, length)
+    pool = start_pool(workers, init_args)
+    try:
+        results = _results(chunks, pool, workers, init_args)
+        # Queue the first chunks before the writer loads MindSpore, so that the workers start at once.
+        first = next(results, None)
+        results = itertools.chain([first] if first else [], results)
+        _write(out, fmt, length, results, source, strict, report, progress)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _write(out: Path, fmt: str, length: int, results, source: Path, strict: bool, report: Report, progress):
+    from launcher.dataset import PREPARED_PAGES, atomic_mindrecord
+
+    with atomic_mindrecord(out, f"{fmt} conversations, vicuna template, {length} tokens", **PREPARED_PAGES) as writer:
         done = 0
-        for n, (ids, labels, truncated, bad) in _results(chunks, workers, (str(tokenizer), fmt, length)):
+        for n, (ids, labels, truncated, bad) in results:
             if bad and strict:
                 shown = "; ".join(f"line {line}: {why}" for line, why in bad[:5])
                 raise ConfigError(f"{source}: {shown} (--strict: nothing was written; drop --strict to skip bad rows)")
@@ -282,8 +316,6 @@ def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, wor
                 progress(done)
         if report.written == 0:
             raise ConfigError(f"{source}: no usable rows; {report.skipped_lines() or 'the file is empty'}")
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def default_workers() -> int:

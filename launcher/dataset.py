@@ -16,6 +16,9 @@ from launcher.render import data_dir
 
 TINY_CORPUS = "data/tiny_corpus.txt"
 # What MindFormers' CausalLanguageModelDataset reads: token ids and their labels (-100 where no loss).
+# Header and page size for prepared datasets: about 1000 records of 2k tokens per page, and room
+# in the header for the pages of tens of GB (a 64 KiB header overflows at about 100 MB of data).
+PREPARED_PAGES = {"header_size": 1 << 20, "page_size": 8 << 20}
 TOKEN_SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
 
 
@@ -33,7 +36,7 @@ def refuse_existing(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_mindrecord(out: Path, description: str, page_size: int = 1 << 16):
+def atomic_mindrecord(out: Path, description: str, header_size: int = 1 << 16, page_size: int = 1 << 16):
     """Yield a FileWriter for `out` that only appears at `out` (and `out.db`) when the block succeeds.
 
     MindRecord writes a data file and a .db index that names it, and refuses to overwrite. Both are
@@ -47,8 +50,9 @@ def atomic_mindrecord(out: Path, description: str, page_size: int = 1 << 16):
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = Path(tmp) / out.name
         writer = FileWriter(str(staged), shard_num=1, overwrite=True)
-        # The default 16 MiB header and 32 MiB page would make a 50 MB file of 8 KB of tokens.
-        writer.set_header_size(1 << 16)
+        # The default 16 MiB header and 32 MiB page would make a 50 MB file of 8 KB of tokens; the
+        # header lists every page, so big datasets need bigger pages or header (PREPARED_PAGES).
+        writer.set_header_size(header_size)
         writer.set_page_size(page_size)
         writer.add_schema(TOKEN_SCHEMA, description)
         yield writer
