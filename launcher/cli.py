@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from launcher import cli_ascend, cli_ckpt, cli_predict, gather
+from launcher import cli_ascend, cli_ckpt, cli_data, cli_predict, gather
 from launcher.console import err, out, reports_errors
 from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, ConfigError, LauncherError
@@ -40,15 +40,44 @@ def main() -> None:
     launcher up JOB               start the job, watch it, gather it into runs/<run-id>/
     launcher status|logs|gather|down RUN
     launcher dataset tiny PATH    make the demo dataset for the tiny CPU model
+    launcher data prepare JOB     tokenize the job's data: section into a MindRecord
     """
 
 
-def _load(job_file: str) -> tuple[Job, bool]:
+def _load_with_data(job_file: str) -> tuple[Job, bool, Path | None]:
+    """The job, whether it is local, and the file its data: section prepares (None without one).
+
+    dataset.path is set to that file here, before planning, so that the plan stays pure.
+    """
     job = load_job(job_file)
     local = job.cluster.backend == "local"
     if local:
         job = resolve_local_paths(job, Path.cwd())
+    if job.data is None:
+        return job, local, None
+    from launcher.data_cache import resolve_data
+
+    job, path = resolve_data(job, Path.cwd())
+    return job, local, path
+
+
+def _load(job_file: str) -> tuple[Job, bool]:
+    job, local, _ = _load_with_data(job_file)
     return job, local
+
+
+def _prepare_data(job_file: str) -> tuple[Job, bool, Path | None]:
+    """_load, and the job's data: section prepared (or found in the cache) before anything starts."""
+    job, local, path = _load_with_data(job_file)
+    if path is None:
+        return job, local, None
+    from launcher import data_cache
+
+    report = data_cache.ensure_prepared(job, path, cli_data.progress_bar)
+    if report is None:
+        out.print(f"dataset: {path} (prepared earlier from the same inputs)")
+    cli_data.print_report(report)
+    return job, local, path
 
 
 def _rank_table(plan: LaunchPlan) -> Table:
@@ -109,13 +138,14 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_ho
             raise ConfigError("--dry-run takes a job file; a rendered directory is already rendered")
         _render(job, output)
         return
+    data_path = None  # the dataset a data: section prepared
     if Path(job).is_dir():
         plan = LaunchPlan.read(Path(job))
         if plan.backend == "local" and not port_is_free(plan.master_port):
             raise ConfigError(f"port {plan.master_port} of this rendered plan is in use on this machine; "
                               "render it again with a free cluster.master_port")
     else:
-        spec, local = _load(job)
+        spec, local, data_path = _prepare_data(job)
         if local:
             check_local_host(spec)
             if spec.cluster.device == "ascend":
@@ -124,6 +154,10 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_ho
         if _needs_device_ips(spec):
             plan = build_plan(_with_discovered_ips(spec, plan, Path(runs_dir), accept_new_host_keys))
     run_dir, record = _new_run(plan, Path(runs_dir))
+    if data_path is not None:
+        from launcher.data_cache import stage_into_run
+
+        stage_into_run(spec, data_path, run_dir)
     if plan.backend == "k8s":
         from launcher.backends.k8s import Target
 
@@ -446,6 +480,7 @@ main.add_command(cli_ascend.preflight_cmd)
 main.add_command(cli_ascend.image)
 main.add_command(cli_predict.predict_cmd)
 main.add_command(cli_ckpt.ckpt_cmd)
+main.add_command(cli_data.data_cmd)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def build(job: Job) -> dict:
         micro_batch_num=par.micro_batch_num,
     )
     loader = cfg["train_dataset"]["data_loader"]
+    if job.dataset.path is None:  # a data: section is resolved to its prepared file before planning
+        raise ConfigError("dataset.path: not set; the data: section was not resolved (see data_cache.resolve_data)")
     loader["dataset_dir"] = job.dataset.path
     loader["shuffle"] = job.dataset.shuffle
     if "train_dataset_task" in cfg:

@@ -42,8 +42,27 @@ class Strict(BaseModel):
 
 
 class Dataset(Strict):
-    path: str = Field(description="MindRecord file the ranks read (on the nodes for remote backends)")
+    path: str | None = Field(None, description="MindRecord file the ranks read (on the nodes for remote "
+                             "backends); leave it out when a data: section prepares it")
     shuffle: bool = False
+
+
+class Data(Strict):
+    """A dataset to prepare on this machine before the ranks start (`launcher data prepare`).
+
+    The tokenized MindRecord is cached under cache_dir by a hash of the source and tokenizer bytes,
+    the format, the record length and the template version; `up` then trains on that file, so
+    dataset.path is not given. Relative paths are relative to the current directory.
+    """
+
+    source: str = Field(description="input file: a JSON array or JSON lines")
+    format: Literal["alpaca", "belle", "novelset", "conversation"]
+    tokenizer: str = Field(description="a sentencepiece tokenizer.model, or a directory with tokenizer.model "
+                           "or vocab.json + merges.txt")
+    seq_length: int | None = Field(None, ge=8, description="default: the model's seq_length; records hold one more")
+    workers: int | None = Field(None, ge=1, description="tokenizing processes; default: the CPU count")
+    strict: bool = Field(False, description="a bad row is an error instead of being skipped and reported")
+    cache_dir: str = Field("data/cache", description="where prepared datasets are kept")
 
 
 class Checkpoint(Strict):
@@ -245,7 +264,8 @@ class Job(Strict):
     name: str
     model: str
     method: Literal["lora", "full"]
-    dataset: Dataset
+    dataset: Dataset = Dataset()
+    data: Data | None = None
     checkpoint: Checkpoint = Checkpoint()
     parallel: Parallel = Parallel()
     lora: Lora = Lora()
@@ -303,6 +323,12 @@ def check_job(job: Job) -> None:
         raise _FieldProblem("method", f"{job.model} ships a base config for {methods} only")
     if job.method == "full" and "lora" in job.model_fields_set:
         raise _FieldProblem("lora", "a lora section only applies with method: lora")
+
+    if job.data is None and not job.dataset.path:
+        raise _FieldProblem("dataset.path", "is required: give the MindRecord to train on, or a data: section to prepare it")
+    if job.data is not None and job.dataset.path:
+        raise _FieldProblem("dataset.path", "give either dataset.path or a data: section (which prepares the dataset "
+                            "and trains on it), not both")
 
     hosts: set[str] = set()
     for i, node in enumerate(cluster.nodes):
@@ -447,6 +473,8 @@ def _first_error(err: ValidationError) -> str:
     if e["type"] == "missing":
         msg = "is required"
     given = e.get("input")
+    if e["type"] == "literal_error" and isinstance(given, str):
+        msg += _did_you_mean(given, re.findall(r"'([^']*)'", e.get("ctx", {}).get("expected", "")))
     if e["type"].endswith(("_type", "_parsing")) and not isinstance(given, (dict, list)):
         msg += f" (got {given!r})"
     return f"{_format_loc(loc) or 'job'}: {msg}"

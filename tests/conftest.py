@@ -66,3 +66,47 @@ def assert_lora_checkpoints(run_dir: Path, world: int):
         for name in params:
             if "lora_a" in name or "lora_b" in name:
                 assert math.isfinite(float(params[name].asnumpy().sum()))
+
+
+def tiny_training_text() -> list[str]:
+    """The shipped corpus plus the chat template's fixed text, so templated rows tokenize without <unk>."""
+    from launcher import data_prepare, tokenization
+
+    corpus = (REPO / "configs" / "data" / "tiny_corpus.txt").read_text().splitlines()
+    template = [tokenization.SYSTEM_PROMPT, data_prepare.PROMPT_INPUT, data_prepare.PROMPT_NO_INPUT,
+                "USER: ASSISTANT: 0123456789 ?!"]
+    return [line for line in corpus + template for _ in range(3) if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_sp_tokenizer(tmp_path_factory) -> Path:
+    """A sentencepiece tokenizer.model of 256 pieces (the tiny model's vocabulary), trained here.
+    Like Llama's: no normalization, a "▁" added in front of each text.
+
+    pad 0 (LlamaConfig's default pad_token_id, whose positions the loss skips), unk 1, bos 2, eos 3.
+    """
+    import sentencepiece
+
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    with open(path, "wb") as f:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(tiny_training_text()), model_writer=f, vocab_size=256, model_type="bpe",
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, hard_vocab_limit=False,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Llama's model
+            num_threads=1, minloglevel=2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE directory (vocab.json + merges.txt) in the shape of Qwen's, trained here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    directory = tmp_path_factory.mktemp("bpe")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(tiny_training_text(), trainer)
+    tok.model.save(str(directory))
+    return directory

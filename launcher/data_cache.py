@@ -1,0 +1,127 @@
+"""A job's `data:` section: where its prepared dataset lives, and preparing it once.
+
+The prepared MindRecord is named by content: `<cache_dir>/<job name>-<hash12>.mindrecord`, where the
+hash covers the source bytes, the tokenizer files, the format, the record length and the template
+version. The same inputs always find the same file, so `up` prepares a dataset once and reuses it;
+a changed row, tokenizer or seq_length gives a new file. The job the planner sees has dataset.path
+set to that file (resolve_data), so the plan stays a pure function of the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from launcher.errors import ConfigError
+from launcher.spec import Data, Job
+
+DATA_RECORD = "data.json"  # in a run directory: what the run trained on (predict reads the tokenizer)
+
+
+def model_seq_length(job: Job) -> int:
+    """The model's seq_length: the base config's, or the job's override of it."""
+    from launcher import mfconfig
+
+    cfg = mfconfig.load_base(job)
+    for dotted, value in job.mindformers.overrides.items():
+        mfconfig.apply_override(cfg, dotted, value)
+    return int(cfg["model"]["model_config"]["seq_length"])
+
+
+def record_length(job: Job) -> int:
+    """Tokens per record: seq_length + 1, as MindFormers' CausalLanguageModelDataset reads them
+    (the model takes tokens [0, L) as input and [1, L] as labels), like `launcher dataset tiny`."""
+    data = job.data
+    return (data.seq_length or model_seq_length(job)) + 1
+
+
+def _absolute(path: str, base: Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else (base / path).resolve()
+
+
+def absolute_data(data: Data, base: Path) -> Data:
+    """source, tokenizer and cache_dir relative to `base` (the current directory)."""
+    return data.model_copy(update={k: str(_absolute(getattr(data, k), base))
+                                   for k in ("source", "tokenizer", "cache_dir")})
+
+
+def content_hash(data: Data, length: int) -> str:
+    from launcher.tokenization import TEMPLATE_VERSION, tokenizer_files
+
+    source = Path(data.source)
+    if not source.is_file():
+        raise ConfigError(f"data.source: {source} does not exist")
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": data.format, "length": length, "template": TEMPLATE_VERSION}).encode())
+    for path in (source, *tokenizer_files(data.tokenizer)):
+        digest.update(f"\0{path.name}\0".encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_path(job: Job, length: int) -> Path:
+    return Path(job.data.cache_dir) / f"{job.name}-{content_hash(job.data, length)[:12]}.mindrecord"
+
+
+def resolve_data(job: Job, base: Path) -> tuple[Job, Path | None]:
+    """The job with dataset.path set to its prepared file, and that file (None without a data: section).
+
+    For the local backend dataset.path is the file itself. For SSH it is `data/<file>`, relative to
+    the run directory on each node, where the backend stages the run's `data/` folder (see
+    stage_into_run). For Kubernetes it is the file's path on this machine, which the pods must see
+    under the same path (a shared volume).
+    """
+    if job.data is None:
+        return job, None
+    data = absolute_data(job.data, base)
+    job = job.model_copy(update={"data": data})
+    path = cache_path(job, record_length(job))
+    dataset_path = f"data/{path.name}" if job.cluster.backend == "ssh" else str(path)
+    return job.model_copy(update={"dataset": job.dataset.model_copy(update={"path": dataset_path})}), path
+
+
+def ensure_prepared(job: Job, path: Path, progress_factory=None):
+    """Prepare the job's data into `path` unless it is already there. Returns the Report or None (cached)."""
+    from launcher.data_prepare import default_workers, prepare
+
+    if path.is_file() and Path(f"{path}.db").is_file():
+        return None
+    data = job.data
+    with progress_factory() if progress_factory else _nothing() as progress:
+        return prepare(Path(data.source), data.format, Path(data.tokenizer), path, record_length(job),
+                       workers=data.workers or default_workers(), strict=data.strict, force=True,
+                       progress=progress)
+
+
+def stage_into_run(job: Job, path: Path, run_dir: Path) -> None:
+    """Record what the run trains on (data.json), and for SSH put the files in the run's data/ folder."""
+    from launcher.runs import RUN_DATA_DIR
+
+    record = {"source": job.data.source, "format": job.data.format, "tokenizer": job.data.tokenizer,
+              "dataset": str(path), "record_length": record_length(job)}
+    (run_dir / DATA_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    if job.cluster.backend == "ssh":
+        target = run_dir / RUN_DATA_DIR
+        target.mkdir(exist_ok=True)
+        for name in (path.name, f"{path.name}.db"):
+            _link_or_copy(path.parent / name, target / name)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the cache and the run share the bytes
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
