@@ -44,7 +44,7 @@ def main() -> None:
     """
 
 
-def _load_with_data(job_file: str) -> tuple[Job, bool, Path | None]:
+def _load_with_data(job_file: str, pvc_dir: str | None = None) -> tuple[Job, bool, Path | None]:
     """The job, whether it is local, and the file its data: section prepares (None without one).
 
     dataset.path is set to that file here, before planning, so that the plan stays pure.
@@ -57,7 +57,7 @@ def _load_with_data(job_file: str) -> tuple[Job, bool, Path | None]:
         return job, local, None
     from launcher.data_cache import resolve_data
 
-    job, path = resolve_data(job, Path.cwd())
+    job, path = resolve_data(job, Path.cwd(), Path(pvc_dir).resolve() if pvc_dir else None)
     return job, local, path
 
 
@@ -66,11 +66,14 @@ def _load(job_file: str) -> tuple[Job, bool]:
     return job, local
 
 
-def _prepare_data(job_file: str) -> tuple[Job, bool, Path | None]:
+def _prepare_data(job_file: str, pvc_dir: str | None) -> tuple[Job, bool, Path | None]:
     """_load, and the job's data: section prepared (or found in the cache) before anything starts."""
-    job, local, path = _load_with_data(job_file)
+    job, local, path = _load_with_data(job_file, pvc_dir)
     if path is None:
         return job, local, None
+    if job.cluster.backend == "k8s" and not pvc_dir:
+        raise ConfigError(f"data: the pods read the prepared dataset from the claim {job.cluster.k8s.output_pvc!r}; "
+                          "mount it on this machine and pass --pvc-dir (the dataset goes to <pvc-dir>/data/)")
     from launcher import data_cache
 
     report = data_cache.ensure_prepared(job, path, cli_data.progress_bar)
@@ -145,7 +148,7 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, accept_new_ho
             raise ConfigError(f"port {plan.master_port} of this rendered plan is in use on this machine; "
                               "render it again with a free cluster.master_port")
     else:
-        spec, local, data_path = _prepare_data(job)
+        spec, local, data_path = _prepare_data(job, pvc_dir)
         if local:
             check_local_host(spec)
             if spec.cluster.device == "ascend":

@@ -16,7 +16,10 @@ import shutil
 from pathlib import Path
 
 from launcher.errors import ConfigError
+from launcher.runs import RUN_DATA_DIR
 from launcher.spec import Data, Job
+
+OUTPUT_DIR = "output"  # where each k8s pod mounts the job's claim, relative to its working directory
 
 DATA_RECORD = "data.json"  # in a run directory: what the run trained on (predict reads the tokenizer)
 
@@ -68,20 +71,27 @@ def cache_path(job: Job, length: int) -> Path:
     return Path(job.data.cache_dir) / f"{job.name}-{content_hash(job.data, length)[:12]}.mindrecord"
 
 
-def resolve_data(job: Job, base: Path) -> tuple[Job, Path | None]:
+def resolve_data(job: Job, base: Path, pvc_dir: Path | None = None) -> tuple[Job, Path | None]:
     """The job with dataset.path set to its prepared file, and that file (None without a data: section).
 
     For the local backend dataset.path is the file itself. For SSH it is `data/<file>`, relative to
     the run directory on each node, where the backend stages the run's `data/` folder (see
-    stage_into_run). For Kubernetes it is the file's path on this machine, which the pods must see
-    under the same path (a shared volume).
+    stage_into_run). For Kubernetes the file is written to the job's claim, mounted here at pvc_dir,
+    under data/; the pods mount the claim at output/ in their working directory, so they read
+    `output/data/<file>`. Without pvc_dir the returned file only names the dataset (render).
     """
     if job.data is None:
         return job, None
     data = absolute_data(job.data, base)
     job = job.model_copy(update={"data": data})
     path = cache_path(job, record_length(job))
-    dataset_path = f"data/{path.name}" if job.cluster.backend == "ssh" else str(path)
+    dataset_path = str(path)
+    if job.cluster.backend == "ssh":
+        dataset_path = f"{RUN_DATA_DIR}/{path.name}"
+    elif job.cluster.backend == "k8s":
+        dataset_path = f"{OUTPUT_DIR}/{RUN_DATA_DIR}/{path.name}"
+        if pvc_dir is not None:
+            path = pvc_dir / RUN_DATA_DIR / path.name
     return job.model_copy(update={"dataset": job.dataset.model_copy(update={"path": dataset_path})}), path
 
 
@@ -100,8 +110,6 @@ def ensure_prepared(job: Job, path: Path, progress_factory=None):
 
 def stage_into_run(job: Job, path: Path, run_dir: Path) -> None:
     """Record what the run trains on (data.json), and for SSH put the files in the run's data/ folder."""
-    from launcher.runs import RUN_DATA_DIR
-
     record = {"source": job.data.source, "format": job.data.format, "tokenizer": job.data.tokenizer,
               "dataset": str(path), "record_length": record_length(job)}
     (run_dir / DATA_RECORD).write_text(json.dumps(record, indent=2) + "\n")

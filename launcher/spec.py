@@ -402,6 +402,9 @@ def check_job(job: Job) -> None:
 
 def _check_k8s(job: Job) -> None:
     k8s = job.cluster.k8s
+    if job.data is not None and not k8s.output_pvc:
+        raise _FieldProblem("data", "on Kubernetes the prepared dataset goes on the job's claim, where every pod "
+                            "reads it; set cluster.k8s.output_pvc")
     if job.cluster.runtime == "docker":
         raise _FieldProblem("cluster.runtime", "on Kubernetes every pod already runs in the image; remove runtime: docker")
     if k8s.kind == "ascend-job":

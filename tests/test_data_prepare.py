@@ -4,7 +4,6 @@ Regenerate the golden records on purpose with:  pytest tests/test_data_prepare.p
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from launcher.data_prepare import prepare
 from launcher.tokenization import IGNORE_INDEX, SYSTEM_PROMPT, encode_rows, load_tokenizer
 
 GOLDEN = REPO / "tests" / "golden" / "data_prepare"
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 ROWS = {
     "alpaca": [
@@ -163,7 +161,7 @@ def test_bad_rows_are_skipped_and_reported_by_line(tmp_path, tiny_sp_tokenizer):
     source = write_rows(tmp_path / "rows.jsonl", rows, "lines")
     out = tmp_path / "out.mindrecord"
     result = run_launcher("data", "prepare", job_file(tmp_path, source, tiny_sp_tokenizer), "-o", out,
-                          "--workers", "2", cwd=tmp_path, env=ENV)
+                          "--workers", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "wrote 2 records" in result.stdout and "skipped 3; truncated 0" in result.stdout
     assert ("line 2: missing key 'output', line 3: empty 'output', line 4: not JSON" in result.stderr), result.stderr
@@ -175,7 +173,7 @@ def test_strict_makes_a_bad_row_an_error_and_writes_nothing(tmp_path, tiny_sp_to
     source = write_rows(tmp_path / "rows.jsonl", rows, "lines")
     out = tmp_path / "out.mindrecord"
     result = run_launcher("data", "prepare", job_file(tmp_path, source, tiny_sp_tokenizer), "-o", out,
-                          "--strict", cwd=tmp_path, env=ENV)
+                          "--strict", cwd=tmp_path)
     assert result.returncode == 2
     assert "line 301: missing key 'output'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "rows.jsonl"]
@@ -187,12 +185,12 @@ def test_an_existing_output_is_kept_without_force(tmp_path, tiny_sp_tokenizer):
     prepare(source, "alpaca", tiny_sp_tokenizer, out, 257)
     before = out.read_bytes()
     job = job_file(tmp_path, source, tiny_sp_tokenizer)
-    result = run_launcher("data", "prepare", job, "-o", out, cwd=tmp_path, env=ENV)
+    result = run_launcher("data", "prepare", job, "-o", out, cwd=tmp_path)
     assert result.returncode == 2 and "--force" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert out.read_bytes() == before
     write_rows(source, ROWS["alpaca"][:1], "array")
-    result = run_launcher("data", "prepare", job, "-o", out, "--force", cwd=tmp_path, env=ENV)
+    result = run_launcher("data", "prepare", job, "-o", out, "--force", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(read_records(out)) == 1
     # Neither run left a temporary folder beside the output.
@@ -243,16 +241,16 @@ def job_file(tmp_path: Path, rows: Path, tokenizer_path: Path, **data) -> Path:
 def test_prepare_reuses_the_cache_until_an_input_changes(tmp_path, tiny_sp_tokenizer):
     source = write_rows(tmp_path / "rows.json", ROWS["alpaca"], "array")
     job = job_file(tmp_path, source, tiny_sp_tokenizer, cache_dir="cache")
-    first = run_launcher("data", "prepare", job, cwd=tmp_path, env=ENV)
+    first = run_launcher("data", "prepare", job, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     [made] = (tmp_path / "cache").glob("*.mindrecord")
     assert made.name.startswith("tiny-lora-") and len(made.stem) == len("tiny-lora-") + 12
     stamp = made.stat().st_mtime_ns
-    again = run_launcher("data", "prepare", job, cwd=tmp_path, env=ENV)
+    again = run_launcher("data", "prepare", job, cwd=tmp_path)
     assert again.returncode == 0 and "cached" in again.stdout
     assert made.stat().st_mtime_ns == stamp
     write_rows(source, ROWS["alpaca"][:1], "array")  # a changed source is a new dataset
-    assert run_launcher("data", "prepare", job, cwd=tmp_path, env=ENV).returncode == 0
+    assert run_launcher("data", "prepare", job, cwd=tmp_path).returncode == 0
     assert len(list((tmp_path / "cache").glob("*.mindrecord"))) == 2
 
 
@@ -265,7 +263,7 @@ def test_prepare_reuses_the_cache_until_an_input_changes(tmp_path, tiny_sp_token
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_sp_tokenizer, change, message):
     source = write_rows(tmp_path / "rows.json", ROWS["alpaca"], "array")
     job = job_file(tmp_path, source, tiny_sp_tokenizer, **change)
-    result = run_launcher("data", "prepare", job, cwd=tmp_path, env=ENV)
+    result = run_launcher("data", "prepare", job, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -274,7 +272,7 @@ def test_a_job_needs_a_dataset_path_or_a_data_section(tmp_path):
     job = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
     del job["dataset"]
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    result = run_launcher("render", tmp_path / "job.yaml", "-o", tmp_path / "r", env=ENV)
+    result = run_launcher("render", tmp_path / "job.yaml", "-o", tmp_path / "r")
     assert result.returncode == 2 and "dataset.path: is required" in result.stderr
 
 
@@ -292,7 +290,7 @@ def test_up_prepares_the_data_section_and_trains_on_it(tmp_path, tiny_sp_tokeniz
     del data["data"]["seq_length"]  # the model's, from the override below
     data["mindformers"] = {"overrides": {"model.model_config.seq_length": 160}}
     job.write_text(yaml.safe_dump(data))
-    result = run_launcher("up", job, cwd=tmp_path, env=ENV)
+    result = run_launcher("up", job, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "wrote 64 records" in result.stdout
     run_dir = only_run(tmp_path)

@@ -13,6 +13,7 @@ The result file gets {"outputs": [{"prompt", "text"}], "checkpoint", "use_past"}
 import json
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -21,9 +22,15 @@ LORA_MARK = "mindpet_delta_lora"
 
 def _tokenizer(path):
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "vocab.json")):
-        from mindformers import Qwen2Tokenizer
+        # MindFormers 1.8 ships no Qwen2 tokenizer class; wrap the same byte-level BPE that
+        # `launcher data prepare` tokenized the dataset with.
+        from mindformers import PreTrainedTokenizerFast
 
-        return Qwen2Tokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
+        from launcher.tokenization import ByteLevelBpeTokenizer
+
+        bpe = ByteLevelBpeTokenizer(Path(path)).tok
+        return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                       pad_token="<|endoftext|>")
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.model")
     from mindformers import LlamaTokenizer
@@ -84,10 +91,13 @@ def main(request_path):
     if on_cpu:
         _use_cpu_argmax(model)
     model.set_train(False)
-    generator = pipeline(task="text_generation", model=model, tokenizer=_tokenizer(request["tokenizer"]))
+    tokenizer = _tokenizer(request["tokenizer"])
+    generator = pipeline(task="text_generation", model=model, tokenizer=tokenizer)
+    # Stop at the tokenizer's end of text, which the model config's default id need not match.
+    stop = {"eos_token_id": [tokenizer.eos_token_id]} if tokenizer.eos_token_id is not None else {}
     outputs = []
     for prompt in request["prompts"]:
-        result = generator(prompt, max_new_tokens=request["max_new_tokens"], do_sample=False)
+        result = generator(prompt, max_new_tokens=request["max_new_tokens"], do_sample=False, **stop)
         outputs.append({"prompt": prompt, "text": result[0]["text_generation_text"][0]})
     with open(request["result"] + ".tmp", "w") as f:
         json.dump({"outputs": outputs, "checkpoint": request["checkpoint"], "use_past": use_past}, f, indent=2)
