@@ -110,3 +110,28 @@ def tiny_bpe_tokenizer(tmp_path_factory) -> Path:
     tok.train_from_iterator(tiny_training_text(), trainer)
     tok.model.save(str(directory))
     return directory
+
+
+# Records of the tiny model that hold the chat template: its system prompt alone is ~50 tiny-tokenizer tokens.
+SEQ_LENGTH_FOR_TEMPLATE = 160
+
+
+def conversation_rows(count: int) -> list[dict]:
+    """Conversation rows made of the shipped corpus: the first words of a sentence, then the rest."""
+    sentences = [s for s in (REPO / "configs" / "data" / "tiny_corpus.txt").read_text().split(". ") if s.strip()]
+    rows = []
+    for i in range(count):
+        words = sentences[i % len(sentences)].split()
+        rows.append({"id": str(i), "conversations": [
+            {"from": "human", "value": "Continue: " + " ".join(words[:6])},
+            {"from": "assistant", "value": " ".join(words[6:20]) or "Done."}]})
+    return rows
+
+
+def data_section(tmp_path: Path, tokenizer: Path, rows: int = 64) -> dict:
+    """A job's data: section over `rows` conversation rows written to tmp_path/rows.jsonl."""
+    import json
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in conversation_rows(rows)))
+    return {"source": str(source), "format": "conversation", "tokenizer": str(tokenizer)}

@@ -13,7 +13,16 @@ import pytest
 import yaml
 
 import k8scluster
-from conftest import EXAMPLES, LAUNCHER, assert_lora_checkpoints, free_port, only_run, run_launcher
+from conftest import (
+    EXAMPLES,
+    LAUNCHER,
+    SEQ_LENGTH_FOR_TEMPLATE,
+    assert_lora_checkpoints,
+    data_section,
+    free_port,
+    only_run,
+    run_launcher,
+)
 from launcher import gather
 from launcher.runs import RunRecord
 
@@ -85,6 +94,29 @@ def test_two_rank_pods_train_together(tmp_path, cluster, tiny_dataset):
     assert "loss" in logs.stdout
     again = run_launcher("gather", run_id, cwd=tmp_path, env=launcher_env(cluster))
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_prepared_dataset_is_read_from_the_claim(tmp_path, cluster, tiny_sp_tokenizer):
+    """A data: section is tokenized here onto the claim (--pvc-dir); the pods read it at output/data/."""
+    job = write_job(tmp_path, "unused")
+    data = yaml.safe_load(job.read_text())
+    del data["dataset"]
+    data["data"] = data_section(tmp_path, tiny_sp_tokenizer)
+    data["mindformers"] = {"overrides": {"model.model_config.seq_length": SEQ_LENGTH_FOR_TEMPLATE}}
+    job.write_text(yaml.safe_dump(data))
+    refused = run_launcher("up", job, cwd=tmp_path, env=launcher_env(cluster))
+    assert refused.returncode == 2 and "pass --pvc-dir" in refused.stderr
+    assert cluster.objects("app.kubernetes.io/name=tiny-lora-k8s") == [] and not (tmp_path / "runs").exists()
+
+    result = up(tmp_path, cluster, job)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = only_run(tmp_path)
+    assert_lora_checkpoints(run_dir, world=2)
+    [prepared] = (cluster.runner.pvc_dir(CLAIM) / "data").glob("*.mindrecord")
+    run_yaml = yaml.safe_load((run_dir / "plan" / "mindformers" / "run.yaml").read_text())
+    assert run_yaml["train_dataset"]["data_loader"]["dataset_dir"] == f"output/data/{prepared.name}"
+    assert not list((run_dir / "ranks").rglob("*.mindrecord"))  # the dataset is not gathered as output
+    assert_nothing_left(cluster, run_dir.name)
 
 
 def test_failed_pod_stops_the_other(tmp_path, cluster, tiny_dataset):

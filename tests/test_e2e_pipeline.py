@@ -8,28 +8,12 @@ import mindspore as ms
 import numpy as np
 import pytest
 import yaml
-from conftest import EXAMPLES, REPO, free_port, only_run, run_launcher
+from conftest import EXAMPLES, SEQ_LENGTH_FOR_TEMPLATE, conversation_rows, data_section, free_port, only_run, run_launcher
 from test_ckpt import logits, tiny_models
-
-SEQ_LENGTH = 160  # the template's system prompt alone is ~50 tokens of the tiny tokenizer
-
-
-def conversation_rows(count: int) -> list[dict]:
-    sentences = [s for s in (REPO / "configs" / "data" / "tiny_corpus.txt").read_text().split(". ") if s.strip()]
-    rows = []
-    for i in range(count):
-        words = sentences[i % len(sentences)].split()
-        rows.append({"id": str(i), "conversations": [
-            {"from": "human", "value": "Continue: " + " ".join(words[:6])},
-            {"from": "assistant", "value": " ".join(words[6:20]) or "Done."}]})
-    return rows
-
 
 @pytest.mark.e2e
 def test_prepare_train_filter_merge_fold_predict(tmp_path, tiny_sp_tokenizer, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MindFormers writes output/ in the current directory of this process too
-    source = tmp_path / "rows.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in conversation_rows(64)))
     # The "pretrained" model the LoRA starts from: a seeded tiny Llama saved as a plain checkpoint.
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     ms.set_seed(11)
@@ -39,9 +23,9 @@ def test_prepare_train_filter_merge_fold_predict(tmp_path, tiny_sp_tokenizer, mo
 
     job = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
     del job["dataset"]
-    job["data"] = {"source": str(source), "format": "conversation", "tokenizer": str(tiny_sp_tokenizer)}
+    job["data"] = data_section(tmp_path, tiny_sp_tokenizer)
     job["checkpoint"] = {"load": str(base)}
-    job["mindformers"] = {"overrides": {"model.model_config.seq_length": SEQ_LENGTH}}
+    job["mindformers"] = {"overrides": {"model.model_config.seq_length": SEQ_LENGTH_FOR_TEMPLATE}}
     job["cluster"]["master_port"] = free_port()
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
 

@@ -15,7 +15,9 @@ import yaml
 from conftest import (
     EXAMPLES,
     LAUNCHER,
+    SEQ_LENGTH_FOR_TEMPLATE,
     assert_lora_checkpoints,
+    data_section,
     free_port,
     only_run,
     run_launcher,
@@ -82,6 +84,29 @@ def test_two_hosts_train_together(tmp_path, cluster, tiny_dataset, launch):
     sched = (tmp_path / "nodes" / "node0" / run_dir.name / "output" /
              ("msrun_log" if launch == "msrun" else "rank_log") / "scheduler.log").read_text()
     assert cluster.hosts[1].address in sched
+    assert_nothing_left(run_dir.name)
+
+
+def test_prepared_dataset_is_staged_to_every_host(tmp_path, cluster, tiny_sp_tokenizer):
+    """A data: section is tokenized once here; each node gets the file in its run directory."""
+    job = write_job(tmp_path, cluster, "unused")
+    data = yaml.safe_load(job.read_text())
+    del data["dataset"]
+    data["data"] = data_section(tmp_path, tiny_sp_tokenizer)
+    data["mindformers"] = {"overrides": {"model.model_config.seq_length": SEQ_LENGTH_FOR_TEMPLATE}}
+    job.write_text(yaml.safe_dump(data))
+    result = run_launcher("up", job, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "wrote 64 records" in result.stdout
+    run_dir = only_run(tmp_path)
+    assert_lora_checkpoints(run_dir, world=2)
+    [prepared] = (tmp_path / "data" / "cache").glob("*.mindrecord")
+    for node in ("node0", "node1"):
+        staged = tmp_path / "nodes" / node / run_dir.name / "data" / prepared.name
+        assert staged.read_bytes() == prepared.read_bytes()
+        assert (staged.parent / f"{prepared.name}.db").is_file()
+    run_yaml = yaml.safe_load((run_dir / "plan" / "mindformers" / "run.yaml").read_text())
+    assert run_yaml["train_dataset"]["data_loader"]["dataset_dir"] == f"data/{prepared.name}"
     assert_nothing_left(run_dir.name)
 
 
