@@ -13,12 +13,12 @@ from pathlib import Path
 
 import yaml
 
+from launcher.ckpt import MERGED_DIR, RUN_CONFIG
+from launcher.ckpt_lora import MERGED_LORA_DIR
 from launcher.errors import ConfigError, LauncherError
-from launcher.runs import PLAN_DIR
 
 # Folded LoRA first: it is the model people deploy. Then the merged checkpoint of the run.
-CHECKPOINT_DIRS = ("merged-lora", "merged")
-RUN_CONFIG = Path(PLAN_DIR) / "mindformers" / "run.yaml"
+CHECKPOINT_DIRS = (MERGED_LORA_DIR, MERGED_DIR)
 ENTRYPOINT = Path(__file__).resolve().parent / "entrypoints" / "predict.py"
 
 
