@@ -198,3 +198,14 @@ def test_checkpoint_auto_trans_needs_ascend(tmp_path):
     path.write_text(yaml.safe_dump(job))
     with pytest.raises(ConfigError, match=r"checkpoint.auto_trans: needs Ascend"):
         load_job(path)
+
+
+def test_data_on_kubernetes_needs_the_claim(tmp_path):
+    job = yaml.safe_load((EXAMPLES / "tiny-lora-k8s.yaml").read_text())
+    del job["dataset"]
+    job["cluster"]["k8s"].pop("output_pvc", None)
+    job["data"] = {"source": "rows.json", "format": "alpaca", "tokenizer": "tokenizer.model"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    with pytest.raises(ConfigError, match=r"data: on Kubernetes .* set cluster.k8s.output_pvc"):
+        load_job(path)
