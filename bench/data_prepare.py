@@ -3,9 +3,10 @@
 Synthetic alpaca rows (a JSON array, as Stanford alpaca ships) of 20k and 80k rows go through
 `launcher data prepare --workers 2` and through a baseline that does the same steps one row at a
 time in one process: stream the file, apply the template, tokenize with the same sentencepiece
-model, write the MindRecord (in batches of 256 records, as prepare does). Both run as fresh
-processes, alternating; the bench prints records/s of each, their ratio, and the peak RSS of the
-largest process (the launcher's main process or a worker), which should not grow with the rows.
+model, write the MindRecord (in batches of 256 records, as prepare does; prepare writes files of at
+most 20k records, the baseline one file). Both run as fresh processes, alternating; the bench prints
+records/s of each, their ratio, and the peak RSS of the largest process (the launcher's main process
+or a worker), which should not grow with the rows.
 
     .venv/bin/python bench/data_prepare.py [--rows 20000 80000] [--repeats 2] [--workers 2]
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,9 +137,10 @@ def main() -> None:
                 for out, argv, into in (
                     (root / "base.mindrecord", [sys.executable, __file__, "--baseline", str(source), str(tokenizer)],
                      base),
-                    (root / "prep.mindrecord", [LAUNCHER, "data", "prepare", str(root / "job.yaml"), "--workers",
-                                                str(args.workers), "-o"], prep),
+                    (root / "prepared", [LAUNCHER, "data", "prepare", str(root / "job.yaml"), "--workers",
+                                         str(args.workers), "-o"], prep),
                 ):
+                    shutil.rmtree(out, ignore_errors=True)  # prepare writes a directory of parts
                     for stale in (out, Path(f"{out}.db")):
                         stale.unlink(missing_ok=True)
                     into.append(measured([*argv, str(out)]))

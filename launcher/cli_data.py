@@ -45,7 +45,7 @@ def data_cmd() -> None:
 @data_cmd.command("prepare")
 @click.argument("job_file", metavar="JOB")
 @click.option("-o", "--output", help="write the MindRecord here instead of the job's cache "
-              "(data.cache_dir/<name>-<hash>.mindrecord, which 'launcher up' reuses)")
+              "(data.cache_dir/<name>-<hash>/, which 'launcher up' reuses): a directory of MindRecord parts")
 @click.option("--force", is_flag=True, help="replace an existing output file")
 @click.option("--strict", is_flag=True, help="stop at a bad row and write nothing (default: skip and report it)")
 @click.option("--workers", type=click.IntRange(1, 256), help="tokenizing processes (default: data.workers, "
@@ -76,7 +76,7 @@ def prepare_cmd(job_file: str, output: str | None, force: bool, strict: bool, wo
     job, cached = data_cache.resolve_data(job, Path.cwd())
     data = job.data
     target = Path(output) if output else cached
-    if not output and not force and target.is_file() and Path(f"{target}.db").is_file():
+    if not output and not force and target.is_dir():
         out.print(f"{target} is already prepared from these inputs (cached); nothing to do")
         return
     with progress_bar() as progress:

@@ -1,6 +1,6 @@
 """A job's `data:` section: where its prepared dataset lives, and preparing it once.
 
-The prepared MindRecord is named by content: `<cache_dir>/<job name>-<hash12>.mindrecord`, where the
+The prepared MindRecord directory is named by content: `<cache_dir>/<job name>-<hash12>/`, where the
 hash covers the source bytes, the tokenizer files, the format, the record length and the template
 version. The same inputs always find the same file, so `up` prepares a dataset once and reuses it;
 a changed row, tokenizer or seq_length gives a new file. The job the planner sees has dataset.path
@@ -68,7 +68,7 @@ def content_hash(data: Data, length: int) -> str:
 
 
 def cache_path(job: Job, length: int) -> Path:
-    return Path(job.data.cache_dir) / f"{job.name}-{content_hash(job.data, length)[:12]}.mindrecord"
+    return Path(job.data.cache_dir) / f"{job.name}-{content_hash(job.data, length)[:12]}"
 
 
 def resolve_data(job: Job, base: Path, pvc_dir: Path | None = None) -> tuple[Job, Path | None]:
@@ -99,7 +99,7 @@ def ensure_prepared(job: Job, path: Path, progress_factory=None):
     """Prepare the job's data into `path` unless it is already there. Returns the Report or None (cached)."""
     from launcher.data_prepare import default_workers, prepare
 
-    if path.is_file() and Path(f"{path}.db").is_file():
+    if path.is_dir():  # it only appears there whole
         return None
     data = job.data
     with progress_factory() if progress_factory else _nothing() as progress:
@@ -114,15 +114,13 @@ def stage_into_run(job: Job, path: Path, run_dir: Path) -> None:
               "dataset": str(path), "record_length": record_length(job)}
     (run_dir / DATA_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     if job.cluster.backend == "ssh":
-        target = run_dir / RUN_DATA_DIR
-        target.mkdir(exist_ok=True)
-        for name in (path.name, f"{path.name}.db"):
-            _link_or_copy(path.parent / name, target / name)
+        # The cache and the run share the bytes where they can (hard links).
+        shutil.copytree(path, run_dir / RUN_DATA_DIR / path.name, copy_function=_link_or_copy)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _link_or_copy(src: str, dst: str) -> None:
     try:
-        os.link(src, dst)  # the cache and the run share the bytes
+        os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 

@@ -3,7 +3,8 @@
 Rows stream from the source (a JSON array or JSON lines, for every format) in chunks to a pool of
 worker processes, each holding the tokenizer; the results come back in order and the main process
 writes them to a MindRecord in batches. At most a few chunks are in flight, so memory does not grow
-with the dataset. The output appears only when it is whole (see dataset.atomic_mindrecord).
+with the dataset; the output is a directory of MindRecord files of at most dataset.ROWS_PER_FILE records
+(MindRecord's commit holds a file's index in memory). It appears only when it is whole.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def _results(chunks: Iterator[list], pool, workers: int, init_args: tuple):
 
 def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, workers: int = 1,
             strict: bool = False, force: bool = False, progress=None) -> Report:
-    """Write `out` (+ `out.db`): records of `length` tokens. `progress(rows_done)` is called per chunk.
+    """Write the directory `out` of MindRecord parts: records of `length` tokens. `progress(rows_done)` is called per chunk.
 
     Bad rows are skipped and listed in the report, or with `strict` end the run with nothing written.
     """
@@ -298,9 +299,9 @@ def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, wor
 
 
 def _write(out: Path, fmt: str, length: int, results, source: Path, strict: bool, report: Report, progress):
-    from launcher.dataset import PREPARED_PAGES, atomic_mindrecord
+    from launcher.dataset import PREPARED_PAGES, atomic_mindrecord_dir
 
-    with atomic_mindrecord(out, f"{fmt} conversations, vicuna template, {length} tokens", **PREPARED_PAGES) as writer:
+    with atomic_mindrecord_dir(out, f"{fmt} conversations, vicuna template, {length} tokens", **PREPARED_PAGES) as write:
         done = 0
         for n, (ids, labels, truncated, bad) in results:
             if bad and strict:
@@ -309,7 +310,7 @@ def _write(out: Path, fmt: str, length: int, results, source: Path, strict: bool
             report.skipped += bad
             report.truncated += len(truncated)
             if len(ids):
-                writer.write_raw_data([{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)])
+                write([{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)])
                 report.written += len(ids)
             done += n
             if progress:

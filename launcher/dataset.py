@@ -19,6 +19,8 @@ TINY_CORPUS = "data/tiny_corpus.txt"
 # Header and page size for prepared datasets: about 1000 records of 2k tokens per page, and room
 # in the header for the pages of tens of GB (a 64 KiB header overflows at about 100 MB of data).
 PREPARED_PAGES = {"header_size": 1 << 20, "page_size": 8 << 20}
+# Records per file of a prepared dataset: MindRecord's commit holds the file's index in memory.
+ROWS_PER_FILE = 20_000
 TOKEN_SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
 
 
@@ -31,8 +33,21 @@ def byte_windows(text: bytes, length: int, count: int) -> list[list[int]]:
 
 
 def refuse_existing(out: Path, force: bool) -> None:
+    """A file (and its .db) or a prepared directory at `out` is only replaced with --force."""
     if (out.exists() or Path(f"{out}.db").exists()) and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it")
+
+
+def _open_writer(path: Path, description: str, header_size: int, page_size: int):
+    from mindspore.mindrecord import FileWriter
+
+    writer = FileWriter(str(path), shard_num=1, overwrite=True)
+    # The default 16 MiB header and 32 MiB page would make a 50 MB file of 8 KB of tokens; the
+    # header lists every page, so big datasets need bigger pages or header (PREPARED_PAGES).
+    writer.set_header_size(header_size)
+    writer.set_page_size(page_size)
+    writer.add_schema(TOKEN_SCHEMA, description)
+    return writer
 
 
 @contextlib.contextmanager
@@ -43,23 +58,69 @@ def atomic_mindrecord(out: Path, description: str, header_size: int = 1 << 16, p
     built under the final name in a temporary folder beside the target, then moved into place: a crash
     or an error never leaves half a dataset, and the old one (if --force) stays until the new one is whole.
     """
-    from mindspore.mindrecord import FileWriter
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = Path(tmp) / out.name
-        writer = FileWriter(str(staged), shard_num=1, overwrite=True)
-        # The default 16 MiB header and 32 MiB page would make a 50 MB file of 8 KB of tokens; the
-        # header lists every page, so big datasets need bigger pages or header (PREPARED_PAGES).
-        writer.set_header_size(header_size)
-        writer.set_page_size(page_size)
-        writer.add_schema(TOKEN_SCHEMA, description)
+        writer = _open_writer(staged, description, header_size, page_size)
         yield writer
         writer.commit()
         # The index first: a data file at `out` then always has its .db beside it.
         os.replace(f"{staged}.db", f"{out}.db")
         os.replace(staged, out)
+
+
+class _PartWriter:
+    """Records into part-00000.mindrecord, part-00001.mindrecord, ..., at most `rows_per_file` each."""
+
+    def __init__(self, directory: Path, description: str, rows_per_file: int, pages: dict):
+        self.directory, self.description, self.rows_per_file, self.pages = directory, description, rows_per_file, pages
+        self.writer, self.rows, self.parts = None, 0, 0
+
+    def write(self, records: list[dict]) -> None:
+        while records:
+            if self.writer is None:
+                name = f"part-{self.parts:05d}.mindrecord"
+                self.writer = _open_writer(self.directory / name, self.description, **self.pages)
+            room = self.rows_per_file - self.rows
+            self.writer.write_raw_data(records[:room])
+            self.rows += len(records[:room])
+            records = records[room:]
+            if self.rows >= self.rows_per_file:
+                self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.commit()
+            self.writer, self.rows, self.parts = None, 0, self.parts + 1
+
+
+@contextlib.contextmanager
+def atomic_mindrecord_dir(out: Path, description: str, rows_per_file: int | None = None, **pages):
+    """Yield write(records) filling the directory `out` with MindRecord parts; `out` appears only whole.
+
+    MindRecord builds a file's whole index in memory when it commits (about 1.4 KB a record), so one
+    file per dataset would make memory grow with the rows; parts of at most `rows_per_file` keep it
+    flat. MindFormers reads every *.mindrecord under a dataset_dir that is a directory.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staged = Path(tmp) / out.name
+        staged.mkdir()
+        parts = _PartWriter(staged, description, rows_per_file or ROWS_PER_FILE,
+                            pages or {"header_size": 1 << 16, "page_size": 1 << 16})
+        yield parts.write
+        parts.close()
+        if out.exists():  # --force: the old dataset goes only once the new one is whole
+            os.replace(out, Path(tmp) / "replaced")
+        os.replace(staged, out)
+
+
+def mindrecord_files(path: Path) -> list[Path]:
+    """The data files of a MindRecord dataset: the file itself, or the parts of a prepared directory."""
+    path = Path(path)
+    return sorted(path.glob("*.mindrecord")) if path.is_dir() else [path]
 
 
 def write_tiny(out: Path, seq_length: int = 32, records: int = 64, force: bool = False) -> int:

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from conftest import EXAMPLES, REPO, assert_lora_checkpoints, free_port, only_run, run_launcher
 
-from launcher import data_prepare
+from launcher import data_prepare, dataset
+from launcher.dataset import mindrecord_files
 from launcher.data_prepare import prepare
 from launcher.tokenization import IGNORE_INDEX, SYSTEM_PROMPT, encode_rows, load_tokenizer
 
@@ -52,7 +53,8 @@ def write_rows(path: Path, rows: list, layout: str) -> Path:
 def read_records(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     import mindspore.dataset as ds
 
-    data = ds.MindDataset(str(path), columns_list=["input_ids", "labels"], shuffle=False)
+    files = [str(f) for f in mindrecord_files(path)]
+    data = ds.MindDataset(files, columns_list=["input_ids", "labels"], shuffle=False)
     return [(r["input_ids"], r["labels"]) for r in data.create_dict_iterator(output_numpy=True)]
 
 
@@ -97,7 +99,7 @@ def check_golden(name: str, text: str, request) -> None:
 @pytest.mark.parametrize("fmt", sorted(ROWS))
 def test_each_format_gives_its_golden_records(tmp_path, tiny_sp_tokenizer, fmt, request):
     source = write_rows(tmp_path / f"{fmt}.json", ROWS[fmt], LAYOUT[fmt])
-    out = tmp_path / "out.mindrecord"
+    out = tmp_path / "out"
     report = prepare(source, fmt, tiny_sp_tokenizer, out, 257)
     assert (report.written, report.skipped, report.truncated) == (len(ROWS[fmt]), [], 0)
     check_golden(f"{fmt}-sp.txt", describe(out, load_tokenizer(tiny_sp_tokenizer)), request)
@@ -105,7 +107,7 @@ def test_each_format_gives_its_golden_records(tmp_path, tiny_sp_tokenizer, fmt, 
 
 def test_byte_level_bpe_tokenizer_gives_its_golden_records(tmp_path, tiny_bpe_tokenizer, request):
     source = write_rows(tmp_path / "alpaca.json", ROWS["alpaca"], "array")
-    out = tmp_path / "out.mindrecord"
+    out = tmp_path / "out"
     assert prepare(source, "alpaca", tiny_bpe_tokenizer, out, 400).written == 2
     tokenizer = load_tokenizer(tiny_bpe_tokenizer)
     assert tokenizer.bos is None and tokenizer.eos == tokenizer.pad  # Qwen: <|endoftext|> ends and pads
@@ -143,9 +145,9 @@ def test_truncation_is_counted_and_keeps_the_mask(tmp_path, tiny_sp_tokenizer):
     full = len(encode_rows(tok, [[(data_prepare.PROMPT_NO_INPUT.format(instruction="Say it."), long_answer)]],
                            1000)[0][0].nonzero()[0])
     length = full - 20
-    report = prepare(source, "alpaca", tiny_sp_tokenizer, tmp_path / "out.mindrecord", length)
+    report = prepare(source, "alpaca", tiny_sp_tokenizer, tmp_path / "out", length)
     assert (report.written, report.truncated) == (2, 1)
-    (ids, labels), _ = read_records(tmp_path / "out.mindrecord")
+    (ids, labels), _ = read_records(tmp_path / "out")
     assert len(ids) == length and ids[-1] != tok.pad and labels[-1] == ids[-1] != tok.eos
 
 
@@ -159,7 +161,7 @@ def test_bad_rows_are_skipped_and_reported_by_line(tmp_path, tiny_sp_tokenizer):
         {"instruction": "Good two.", "input": "x", "output": "Also fine."},   # line 6
     ]
     source = write_rows(tmp_path / "rows.jsonl", rows, "lines")
-    out = tmp_path / "out.mindrecord"
+    out = tmp_path / "out"
     result = run_launcher("data", "prepare", job_file(tmp_path, source, tiny_sp_tokenizer), "-o", out,
                           "--workers", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -171,7 +173,7 @@ def test_bad_rows_are_skipped_and_reported_by_line(tmp_path, tiny_sp_tokenizer):
 def test_strict_makes_a_bad_row_an_error_and_writes_nothing(tmp_path, tiny_sp_tokenizer):
     rows = [{"instruction": "Good.", "input": "", "output": "Fine."}] * 300 + [{"instruction": "Bad."}]
     source = write_rows(tmp_path / "rows.jsonl", rows, "lines")
-    out = tmp_path / "out.mindrecord"
+    out = tmp_path / "out"
     result = run_launcher("data", "prepare", job_file(tmp_path, source, tiny_sp_tokenizer), "-o", out,
                           "--strict", cwd=tmp_path)
     assert result.returncode == 2
@@ -181,26 +183,26 @@ def test_strict_makes_a_bad_row_an_error_and_writes_nothing(tmp_path, tiny_sp_to
 
 def test_an_existing_output_is_kept_without_force(tmp_path, tiny_sp_tokenizer):
     source = write_rows(tmp_path / "rows.json", ROWS["alpaca"], "array")
-    out = tmp_path / "out.mindrecord"
+    out = tmp_path / "out"
     prepare(source, "alpaca", tiny_sp_tokenizer, out, 257)
-    before = out.read_bytes()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     job = job_file(tmp_path, source, tiny_sp_tokenizer)
     result = run_launcher("data", "prepare", job, "-o", out, cwd=tmp_path)
     assert result.returncode == 2 and "--force" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert out.read_bytes() == before
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     write_rows(source, ROWS["alpaca"][:1], "array")
     result = run_launcher("data", "prepare", job, "-o", out, "--force", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(read_records(out)) == 1
     # Neither run left a temporary folder beside the output.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "out.mindrecord", "out.mindrecord.db", "rows.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "out", "rows.json"]
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path, tiny_sp_tokenizer):
     source = write_rows(tmp_path / "rows.jsonl", [{"instruction": "only bad"}], "lines")
     with pytest.raises(Exception, match="no usable rows"):
-        prepare(source, "alpaca", tiny_sp_tokenizer, tmp_path / "out.mindrecord", 257)
+        prepare(source, "alpaca", tiny_sp_tokenizer, tmp_path / "out", 257)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
 
 
@@ -220,11 +222,26 @@ def test_workers_write_the_same_records_as_one_process(tmp_path, tiny_sp_tokeniz
     rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i % 7 + 1)))}
             for i in range(700)]
     source = write_rows(tmp_path / "rows.jsonl", rows, "lines")
-    one = prepare(source, "alpaca", tiny_sp_tokenizer, tmp_path / "one.mindrecord", 257, workers=1)
-    two = prepare(source, "alpaca", tiny_sp_tokenizer, tmp_path / "two.mindrecord", 257, workers=2)
+    one = prepare(source, "alpaca", tiny_sp_tokenizer, tmp_path / "one", 257, workers=1)
+    two = prepare(source, "alpaca", tiny_sp_tokenizer, tmp_path / "two", 257, workers=2)
     assert one.written == two.written == 700
-    a, b = read_records(tmp_path / "one.mindrecord"), read_records(tmp_path / "two.mindrecord")
+    a, b = read_records(tmp_path / "one"), read_records(tmp_path / "two")
     assert all((x[0] == y[0]).all() and (x[1] == y[1]).all() for x, y in zip(a, b))
+
+
+def test_a_large_dataset_is_written_in_parts(tmp_path, monkeypatch, tiny_sp_tokenizer):
+    """MindRecord holds a file's index in memory until commit: the records go to files of a bounded size."""
+    monkeypatch.setattr(dataset, "ROWS_PER_FILE", 300)
+    rows = [{"instruction": f"Count to {i}.", "input": "", "output": str(i)} for i in range(700)]
+    source = write_rows(tmp_path / "rows.jsonl", rows, "lines")
+    assert prepare(source, "alpaca", tiny_sp_tokenizer, tmp_path / "out", 257).written == 700
+    parts = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert parts == [f"part-0000{i}.mindrecord{db}" for i in range(3) for db in ("", ".db")]
+    assert [len(read_records(tmp_path / "out" / f"part-0000{i}.mindrecord")) for i in range(3)] == [300, 300, 100]
+    tokenizer = load_tokenizer(tiny_sp_tokenizer)
+    answers = [tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+               for ids, labels in read_records(tmp_path / "out")]
+    assert [a.split("<")[0].strip() for a in answers][:3] == ["0", "1", "2"] and len(answers) == 700
 
 
 def job_file(tmp_path: Path, rows: Path, tokenizer_path: Path, **data) -> Path:
@@ -243,15 +260,15 @@ def test_prepare_reuses_the_cache_until_an_input_changes(tmp_path, tiny_sp_token
     job = job_file(tmp_path, source, tiny_sp_tokenizer, cache_dir="cache")
     first = run_launcher("data", "prepare", job, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    [made] = (tmp_path / "cache").glob("*.mindrecord")
-    assert made.name.startswith("tiny-lora-") and len(made.stem) == len("tiny-lora-") + 12
+    [made] = (tmp_path / "cache").iterdir()
+    assert made.name.startswith("tiny-lora-") and len(made.name) == len("tiny-lora-") + 12
     stamp = made.stat().st_mtime_ns
     again = run_launcher("data", "prepare", job, cwd=tmp_path)
     assert again.returncode == 0 and "cached" in again.stdout
     assert made.stat().st_mtime_ns == stamp
     write_rows(source, ROWS["alpaca"][:1], "array")  # a changed source is a new dataset
     assert run_launcher("data", "prepare", job, cwd=tmp_path).returncode == 0
-    assert len(list((tmp_path / "cache").glob("*.mindrecord"))) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 @pytest.mark.parametrize("change, message", [
@@ -297,7 +314,7 @@ def test_up_prepares_the_data_section_and_trains_on_it(tmp_path, tiny_sp_tokeniz
     assert_lora_checkpoints(run_dir, world=2)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state"] == "succeeded" and all(r["steps"] > 0 for r in summary["ranks"].values())
-    [made] = (tmp_path / "data" / "cache").glob("*.mindrecord")
+    [made] = (tmp_path / "data" / "cache").iterdir()
     ids, labels = read_records(made)[0]
     assert len(ids) == 161
     record = json.loads((run_dir / "data.json").read_text())

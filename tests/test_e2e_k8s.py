@@ -112,7 +112,8 @@ def test_prepared_dataset_is_read_from_the_claim(tmp_path, cluster, tiny_sp_toke
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = only_run(tmp_path)
     assert_lora_checkpoints(run_dir, world=2)
-    [prepared] = (cluster.runner.pvc_dir(CLAIM) / "data").glob("*.mindrecord")
+    [prepared] = (cluster.runner.pvc_dir(CLAIM) / "data").iterdir()
+    assert (prepared / "part-00000.mindrecord").is_file()
     run_yaml = yaml.safe_load((run_dir / "plan" / "mindformers" / "run.yaml").read_text())
     assert run_yaml["train_dataset"]["data_loader"]["dataset_dir"] == f"output/data/{prepared.name}"
     assert not list((run_dir / "ranks").rglob("*.mindrecord"))  # the dataset is not gathered as output

@@ -100,11 +100,12 @@ def test_prepared_dataset_is_staged_to_every_host(tmp_path, cluster, tiny_sp_tok
     assert "wrote 64 records" in result.stdout
     run_dir = only_run(tmp_path)
     assert_lora_checkpoints(run_dir, world=2)
-    [prepared] = (tmp_path / "data" / "cache").glob("*.mindrecord")
+    [prepared] = (tmp_path / "data" / "cache").iterdir()
+    files = sorted(p.name for p in prepared.iterdir())
+    assert files == ["part-00000.mindrecord", "part-00000.mindrecord.db"]
     for node in ("node0", "node1"):
         staged = tmp_path / "nodes" / node / run_dir.name / "data" / prepared.name
-        assert staged.read_bytes() == prepared.read_bytes()
-        assert (staged.parent / f"{prepared.name}.db").is_file()
+        assert {f: (staged / f).read_bytes() for f in files} == {f: (prepared / f).read_bytes() for f in files}
     run_yaml = yaml.safe_load((run_dir / "plan" / "mindformers" / "run.yaml").read_text())
     assert run_yaml["train_dataset"]["data_loader"]["dataset_dir"] == f"data/{prepared.name}"
     assert_nothing_left(run_dir.name)
