@@ -60,3 +60,30 @@ def test_predict_reports_a_checkpoint_that_does_not_fit(tmp_path):
                           cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "predict failed" in result.stderr and "does not fit the model" in result.stderr
+
+
+def test_predict_with_a_byte_level_bpe_tokenizer(tmp_path, tiny_bpe_tokenizer, monkeypatch):
+    """The Qwen-style tokenizer directory (vocab.json + merges.txt) through the real pipeline, on a plain
+    tiny model whose vocabulary covers the tokenizer's, loaded from a merged checkpoint."""
+    import yaml
+
+    import mindspore as ms
+    from mindformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.chdir(tmp_path)  # building a MindFormers model here writes output/ in the current directory
+    run_dir = make_run(tmp_path)
+    config_path = run_dir / "plan" / "mindformers" / "run.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["model_config"]["vocab_size"] = 512  # > 400 pieces + Qwen's 3 special tokens
+    del config["model"]["model_config"]["pet_config"]
+    config_path.write_text(yaml.safe_dump(config))
+    settings = {k: v for k, v in config["model"]["model_config"].items() if k != "type"}
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    ms.set_seed(3)
+    (run_dir / "merged").mkdir()
+    ms.save_checkpoint(LlamaForCausalLM(LlamaConfig(**settings)), str(run_dir / "merged" / "model.ckpt"))
+
+    result = run_launcher("predict", "tiny-lora", "--prompt", "the rank table", "--tokenizer", tiny_bpe_tokenizer,
+                          "--max-new-tokens", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("the rank table") and "merged/model.ckpt" in result.stderr
