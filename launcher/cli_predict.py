@@ -17,10 +17,12 @@ from launcher.runs import find_run
 @click.option("--tokenizer", help="tokenizer.model, or a directory with vocab.json and merges.txt "
               "(default: the one the run's data: section used)")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--chat", is_flag=True, help="ask each prompt as the user turn of the chat template the data was "
+              "prepared with, and print only the answer")
 @click.option("--runs-dir", default="runs", show_default=True, help="where run directories are")
 @reports_errors
 def predict_cmd(run: str, prompts: tuple[str, ...], checkpoint: str | None, tokenizer: str | None,
-                max_new_tokens: int, runs_dir: str) -> None:
+                max_new_tokens: int, chat: bool, runs_dir: str) -> None:
     """Generate from RUN's merged checkpoint with the MindFormers text-generation pipeline.
 
     \b
@@ -32,7 +34,7 @@ def predict_cmd(run: str, prompts: tuple[str, ...], checkpoint: str | None, toke
 
     run_dir = find_run(run, Path(runs_dir))
     with err.status(f"loading {run_dir.name} and generating…"):
-        result = predict(run_dir, list(prompts), checkpoint, tokenizer, max_new_tokens)
+        result = predict(run_dir, list(prompts), checkpoint, tokenizer, max_new_tokens, chat)
     err.print(f"checkpoint {result['checkpoint']} (use_past={result['use_past']})")
     for item in result["outputs"]:
-        out.print(item["text"], markup=False)
+        out.print(item["answer"] if chat else item["text"], markup=False)

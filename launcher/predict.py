@@ -58,8 +58,16 @@ def run_device(run_dir: Path) -> str:
 
 
 def predict(run_dir: Path, prompts: list[str], checkpoint: str | None, tokenizer: str | None,
-            max_new_tokens: int, timeout: float = 1800) -> dict:
-    """Generate for each prompt; returns {"outputs": [{"prompt", "text"}], "checkpoint", "use_past"}."""
+            max_new_tokens: int, chat: bool = False, timeout: float = 1800) -> dict:
+    """Generate for each prompt; returns {"outputs": [{"prompt", "text", "answer"}], "checkpoint", "use_past"}.
+
+    chat: each prompt goes in as the user turn of the template `launcher data prepare` trains on, and
+    "answer" is what the model wrote after "ASSISTANT:"; without it the prompt is continued as text.
+    """
+    if chat:
+        from launcher.tokenization import chat_prompt
+
+        prompts = [chat_prompt(p) for p in prompts]
     config = run_dir / RUN_CONFIG
     if not config.is_file():
         raise ConfigError(f"{run_dir} has no {RUN_CONFIG}; is it a run directory?")
@@ -89,4 +97,9 @@ def predict(run_dir: Path, prompts: list[str], checkpoint: str | None, tokenizer
     if proc.returncode != 0 or not result.is_file():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise LauncherError(f"predict failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    return json.loads(result.read_text())
+    answer = json.loads(result.read_text())
+    for item in answer["outputs"]:
+        text, prompt = item["text"], item["prompt"]
+        item["answer"] = text[len(prompt):].strip() if text.startswith(prompt) else text
+    result.write_text(json.dumps(answer, indent=2) + "\n")
+    return answer

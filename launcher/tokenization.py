@@ -135,6 +135,11 @@ def template_parts(turns: list[tuple[str, str]]) -> list[tuple[str, bool]]:
     return parts
 
 
+def chat_prompt(question: str) -> str:
+    """A question as the first user turn of the template, up to where the assistant's answer starts."""
+    return template_parts([(question, "")])[0][0]
+
+
 def encode_rows(tokenizer, rows: list[list[tuple[str, str]]], length: int):
     """Token ids and labels of `length` tokens per conversation, in one batch call to the tokenizer.
 

@@ -11,6 +11,8 @@ import yaml
 from conftest import EXAMPLES, SEQ_LENGTH_FOR_TEMPLATE, conversation_rows, data_section, free_port, only_run, run_launcher
 from test_ckpt import logits, tiny_models
 
+from launcher.tokenization import SYSTEM_PROMPT
+
 @pytest.mark.e2e
 def test_prepare_train_filter_merge_fold_predict(tmp_path, tiny_sp_tokenizer, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MindFormers writes output/ in the current directory of this process too
@@ -71,3 +73,9 @@ def test_prepare_train_filter_merge_fold_predict(tmp_path, tiny_sp_tokenizer, mo
     # The pipeline ran greedy generation (a tiny model trained 16 steps may well end its answer at once).
     generated = re.findall(r"generated tokens: (\d+) tokens", (run_dir / "predict" / "predict.log").read_text())
     assert generated and 1 <= int(generated[-1]) <= 8
+    # --chat asks in the template the data was prepared with; the printed answer is what follows it.
+    chat = run_launcher("predict", run_dir.name, "--prompt", prompt, "--chat", "--max-new-tokens", "8", cwd=tmp_path)
+    assert chat.returncode == 0, chat.stdout + chat.stderr
+    [asked] = json.loads((run_dir / "predict" / "result.json").read_text())["outputs"]
+    assert asked["prompt"].startswith(SYSTEM_PROMPT) and asked["prompt"].endswith(f"USER: {prompt} ASSISTANT:")
+    assert chat.stdout.strip() == asked["answer"] and prompt not in chat.stdout
