@@ -46,7 +46,7 @@ def data_cmd() -> None:
 @click.argument("job_file", metavar="JOB")
 @click.option("-o", "--output", help="write the MindRecord here instead of the job's cache "
               "(data.cache_dir/<name>-<hash>/, which 'launcher up' reuses): a directory of MindRecord parts")
-@click.option("--force", is_flag=True, help="replace an existing output file")
+@click.option("--force", is_flag=True, help="replace an existing output")
 @click.option("--strict", is_flag=True, help="stop at a bad row and write nothing (default: skip and report it)")
 @click.option("--workers", type=click.IntRange(1, 256), help="tokenizing processes (default: data.workers, "
               "else the CPU count)")
@@ -66,7 +66,6 @@ def prepare_cmd(job_file: str, output: str | None, force: bool, strict: bool, wo
     whose inputs have not changed is reused as it is.
     """
     from launcher import data_cache
-    from launcher.data_prepare import default_workers, prepare
     from launcher.errors import ConfigError
     from launcher.spec import load_job
 
@@ -74,13 +73,10 @@ def prepare_cmd(job_file: str, output: str | None, force: bool, strict: bool, wo
     if job.data is None:
         raise ConfigError(f"{job_file}: no data: section to prepare; add one with source, format and tokenizer")
     job, cached = data_cache.resolve_data(job, Path.cwd())
-    data = job.data
     target = Path(output) if output else cached
     if not output and not force and target.is_dir():
         out.print(f"{target} is already prepared from these inputs (cached); nothing to do")
         return
     with progress_bar() as progress:
-        report = prepare(Path(data.source), data.format, Path(data.tokenizer), target,
-                         data_cache.record_length(job), workers=workers or data.workers or default_workers(),
-                         strict=strict or data.strict, force=force, progress=progress)
+        report = data_cache.prepare_job(job, target, progress, workers, strict, force)
     print_report(report)

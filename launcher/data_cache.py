@@ -9,6 +9,7 @@ set to that file (resolve_data), so the plan stays a pure function of the job.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -95,17 +96,23 @@ def resolve_data(job: Job, base: Path, pvc_dir: Path | None = None) -> tuple[Job
     return job.model_copy(update={"dataset": job.dataset.model_copy(update={"path": dataset_path})}), path
 
 
-def ensure_prepared(job: Job, path: Path, progress_factory=None):
-    """Prepare the job's data into `path` unless it is already there. Returns the Report or None (cached)."""
+def prepare_job(job: Job, out: Path, progress=None, workers: int | None = None, strict: bool = False,
+                force: bool = False):
+    """Prepare the job's data: section into `out`; the options add to the section's own settings."""
     from launcher.data_prepare import default_workers, prepare
 
+    data = job.data
+    return prepare(Path(data.source), data.format, Path(data.tokenizer), out, record_length(job),
+                   workers=workers or data.workers or default_workers(), strict=strict or data.strict,
+                   force=force, progress=progress)
+
+
+def ensure_prepared(job: Job, path: Path, progress_factory=None):
+    """Prepare the job's data into `path` unless it is already there. Returns the Report or None (cached)."""
     if path.is_dir():  # it only appears there whole
         return None
-    data = job.data
-    with progress_factory() if progress_factory else _nothing() as progress:
-        return prepare(Path(data.source), data.format, Path(data.tokenizer), path, record_length(job),
-                       workers=data.workers or default_workers(), strict=data.strict, force=True,
-                       progress=progress)
+    with progress_factory() if progress_factory else contextlib.nullcontext() as progress:
+        return prepare_job(job, path, progress, force=True)
 
 
 def stage_into_run(job: Job, path: Path, run_dir: Path) -> None:
@@ -123,11 +130,3 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -42,16 +42,16 @@ class Strict(BaseModel):
 
 
 class Dataset(Strict):
-    path: str | None = Field(None, description="MindRecord file the ranks read (on the nodes for remote "
-                             "backends); leave it out when a data: section prepares it")
+    path: str | None = Field(None, description="MindRecord file or directory the ranks read (on the nodes for "
+                             "remote backends); leave it out when a data: section prepares it")
     shuffle: bool = False
 
 
 class Data(Strict):
     """A dataset to prepare on this machine before the ranks start (`launcher data prepare`).
 
-    The tokenized MindRecord is cached under cache_dir by a hash of the source and tokenizer bytes,
-    the format, the record length and the template version; `up` then trains on that file, so
+    The tokenized MindRecord directory is cached under cache_dir by a hash of the source and tokenizer
+    bytes, the format, the record length and the template version; `up` then trains on it, so
     dataset.path is not given. Relative paths are relative to the current directory.
     """
 
