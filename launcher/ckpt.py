@@ -11,6 +11,7 @@ MindSpore is imported inside the functions: the rest of the CLI starts without i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -124,25 +125,27 @@ def model_only(params: dict) -> tuple[dict, list[str]]:
 
 # ---- publishing: staging directory, then one rename ----
 
-def staging_dir(run_dir: Path, name: str) -> Path:
-    """runs/<id>/.<name>.partial/, emptied: what an interrupted earlier command left is dropped."""
+@contextlib.contextmanager
+def publishing(run_dir: Path, name: str):
+    """Yield runs/<id>/.<name>.partial/, emptied (what an interrupted earlier command left is dropped);
+    when the block succeeds it replaces runs/<id>/<name>/ (the caller checked --force). Never left behind."""
     staging = run_dir / f".{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    return staging
+    try:
+        yield staging
+        target = run_dir / name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_writable(run_dir: Path, name: str, force: bool) -> None:
     target = run_dir / name
     if target.exists() and any(target.iterdir()) and not force:
         raise ConfigError(f"{run_dir.name}/{name}/ already exists; pass --force to replace it")
-
-
-def publish(staging: Path, target: Path) -> None:
-    """Replace target with the finished staging directory (the caller checked --force)."""
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
 
 
 def write_sha256(path: Path) -> str:
@@ -181,12 +184,8 @@ def filter_run(run_dir: Path, force: bool = False) -> list[Filtered]:
     """Write filtered/rank_N/<name>.ckpt for every rank; the rows tell the sizes before and after."""
     check_writable(run_dir, FILTERED_DIR, force)
     checkpoints = rank_checkpoints(run_dir)
-    staging = staging_dir(run_dir, FILTERED_DIR)
-    try:
+    with publishing(run_dir, FILTERED_DIR) as staging:
         rows = filter_into(checkpoints, staging)
-        publish(staging, run_dir / FILTERED_DIR)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     target = run_dir / FILTERED_DIR
     return [Filtered(r.rank, r.source, target / r.dest.relative_to(staging), r.size_before, r.size_after, r.dropped)
             for r in rows]
@@ -222,8 +221,9 @@ def as_numpy(value):
     return value.asnumpy().astype(np.float64)
 
 
-def compare_ranks(sources: dict[int, Path], atol: float) -> None:
-    """Every rank's model parameters equal rank 0's (within atol), else name the worst one."""
+def compare_ranks(sources: dict[int, Path], atol: float) -> int:
+    """Every rank's model parameters equal rank 0's (within atol), else name the worst one.
+    Returns how many parameters rank 0 holds."""
     import numpy as np
 
     reference = load_params(sources[0])
@@ -248,6 +248,7 @@ def compare_ranks(sources: dict[int, Path], atol: float) -> None:
                 f"data-parallel ranks disagree: {differing} parameter(s) of rank {rank} differ from rank 0's, "
                 f"most {worst[1]} by {worst[0]:.3g} (--atol {atol:g}); the replicas should be identical, so "
                 "check that the ranks ran the same steps (or raise --atol)")
+    return len(reference)
 
 
 def _strategy_files(run_dir: Path, ranks: list[int]) -> dict[int, Path]:
@@ -306,24 +307,20 @@ def merge_run(run_dir: Path, force: bool = False, atol: float = 0.0) -> Merged:
     check_writable(run_dir, MERGED_DIR, force)
     _, model_parallel, pipeline_stage = parallel_layout(run_dir)
     ranks = rank_checkpoints(run_dir)
-    staging = staging_dir(run_dir, MERGED_DIR)
-    try:
-        with tempfile.TemporaryDirectory(prefix=".merge-work.", dir=run_dir) as tmp:
-            work = Path(tmp)
-            sources = filtered_checkpoints(run_dir)
-            from_filtered = sources is not None
-            if sources is None:
-                sources = {row.rank: row.dest for row in filter_into(ranks, work / FILTERED_DIR)}
-            out = staging / merged_name(ranks[0])
-            if model_parallel == 1 and pipeline_stage == 1:
-                compare_ranks(sources, atol)
-                shutil.copyfile(sources[0], out)
-                how = f"data parallel: {len(sources)} ranks agree, rank 0 taken"
-            else:
-                how = merge_by_strategy(run_dir, sources, out, pipeline_stage, work)
-        params = len(load_params(out))
+    with publishing(run_dir, MERGED_DIR) as staging, \
+            tempfile.TemporaryDirectory(prefix=".merge-work.", dir=run_dir) as tmp:
+        work = Path(tmp)
+        sources = filtered_checkpoints(run_dir)
+        from_filtered = sources is not None
+        if sources is None:
+            sources = {row.rank: row.dest for row in filter_into(ranks, work / FILTERED_DIR)}
+        out = staging / merged_name(ranks[0])
+        if model_parallel == 1 and pipeline_stage == 1:
+            params = compare_ranks(sources, atol)
+            shutil.copyfile(sources[0], out)
+            how = f"data parallel: {len(sources)} ranks agree, rank 0 taken"
+        else:
+            how = merge_by_strategy(run_dir, sources, out, pipeline_stage, work)
+            params = len(load_params(out))
         digest = write_sha256(out)
-        publish(staging, run_dir / MERGED_DIR)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return Merged(run_dir / MERGED_DIR / out.name, digest, how, params, from_filtered)

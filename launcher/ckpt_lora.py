@@ -11,7 +11,6 @@ Facts from the installed packages (MindFormers 1.8.0 with mindpet 1.0.4):
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +52,11 @@ def lora_hyper(run_dir: Path) -> tuple[int, float]:
 
 
 def default_adapter(run_dir: Path) -> Path:
-    found = sorted((run_dir / ckpt.MERGED_DIR).glob("*.ckpt"))
-    if not found:
+    found = ckpt.latest_checkpoint(run_dir / ckpt.MERGED_DIR)
+    if found is None:
         raise ConfigError(f"{run_dir.name} has no merged checkpoint to take the adapter from; run "
                           f"'launcher ckpt merge {run_dir.name}' first, or pass --adapter")
-    return found[0]
+    return found
 
 
 def fold(base: dict, adapter: dict, rank: int, alpha: float) -> tuple[dict, int]:
@@ -115,13 +114,9 @@ def merge_lora(run_dir: Path, base_path: Path, adapter_path: Path | None = None,
         raise ConfigError(f"--adapter: {adapter_path} does not exist")
     base, adapter = ckpt.load_params(base_path), ckpt.load_params(adapter_path)
     folded, layers = fold(base, adapter, rank, alpha)
-    staging = ckpt.staging_dir(run_dir, MERGED_LORA_DIR)
-    try:
+    with ckpt.publishing(run_dir, MERGED_LORA_DIR) as staging:
         out = staging / adapter_path.name
         ckpt.save_params(folded, out)
         digest = ckpt.write_sha256(out)
-        ckpt.publish(staging, run_dir / MERGED_LORA_DIR)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return Folded(run_dir / MERGED_LORA_DIR / out.name, digest, adapter_path, layers, rank, alpha,
                   frozen_differences(base, adapter))

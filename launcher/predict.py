@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.ckpt import MERGED_DIR, RUN_CONFIG
+from launcher.ckpt import MERGED_DIR, RUN_CONFIG, latest_checkpoint
 from launcher.ckpt_lora import MERGED_LORA_DIR
 from launcher.errors import ConfigError, LauncherError
 
@@ -29,9 +29,9 @@ def find_checkpoint(run_dir: Path, given: str | None) -> Path:
             raise ConfigError(f"--checkpoint: {path} does not exist")
         return path
     for name in CHECKPOINT_DIRS:
-        found = sorted((run_dir / name).glob("*.ckpt"))
-        if found:
-            return found[0]
+        found = latest_checkpoint(run_dir / name)
+        if found is not None:
+            return found
     raise ConfigError(
         f"{run_dir.name} has no merged checkpoint; run 'launcher ckpt merge {run_dir.name}' "
         "(and 'launcher ckpt merge-lora' for LoRA), or pass --checkpoint"
