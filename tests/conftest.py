@@ -128,10 +128,14 @@ def conversation_rows(count: int) -> list[dict]:
     return rows
 
 
-def data_section(tmp_path: Path, tokenizer: Path, rows: int = 64) -> dict:
-    """A job's data: section over `rows` conversation rows written to tmp_path/rows.jsonl."""
+def use_prepared_data(job: dict, tmp_path: Path, tokenizer: Path, rows: int = 64) -> dict:
+    """The job (a parsed job file) training on a data: section of `rows` conversation rows, written to
+    tmp_path/rows.jsonl, instead of its dataset.path; records long enough for the chat template."""
     import json
 
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in conversation_rows(rows)))
-    return {"source": str(source), "format": "conversation", "tokenizer": str(tokenizer)}
+    del job["dataset"]
+    job["data"] = {"source": str(source), "format": "conversation", "tokenizer": str(tokenizer)}
+    job["mindformers"] = {"overrides": {"model.model_config.seq_length": SEQ_LENGTH_FOR_TEMPLATE}}
+    return job

@@ -16,12 +16,11 @@ import k8scluster
 from conftest import (
     EXAMPLES,
     LAUNCHER,
-    SEQ_LENGTH_FOR_TEMPLATE,
     assert_lora_checkpoints,
-    data_section,
     free_port,
     only_run,
     run_launcher,
+    use_prepared_data,
 )
 from launcher import gather
 from launcher.runs import RunRecord
@@ -99,11 +98,7 @@ def test_two_rank_pods_train_together(tmp_path, cluster, tiny_dataset):
 def test_prepared_dataset_is_read_from_the_claim(tmp_path, cluster, tiny_sp_tokenizer):
     """A data: section is tokenized here onto the claim (--pvc-dir); the pods read it at output/data/."""
     job = write_job(tmp_path, "unused")
-    data = yaml.safe_load(job.read_text())
-    del data["dataset"]
-    data["data"] = data_section(tmp_path, tiny_sp_tokenizer)
-    data["mindformers"] = {"overrides": {"model.model_config.seq_length": SEQ_LENGTH_FOR_TEMPLATE}}
-    job.write_text(yaml.safe_dump(data))
+    job.write_text(yaml.safe_dump(use_prepared_data(yaml.safe_load(job.read_text()), tmp_path, tiny_sp_tokenizer)))
     refused = run_launcher("up", job, cwd=tmp_path, env=launcher_env(cluster))
     assert refused.returncode == 2 and "pass --pvc-dir" in refused.stderr
     assert cluster.objects("app.kubernetes.io/name=tiny-lora-k8s") == [] and not (tmp_path / "runs").exists()

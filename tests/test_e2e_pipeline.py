@@ -8,7 +8,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 import yaml
-from conftest import EXAMPLES, SEQ_LENGTH_FOR_TEMPLATE, conversation_rows, data_section, free_port, only_run, run_launcher
+from conftest import EXAMPLES, conversation_rows, free_port, only_run, run_launcher, use_prepared_data
 from test_ckpt import logits, tiny_models
 
 from launcher.tokenization import SYSTEM_PROMPT
@@ -23,11 +23,9 @@ def test_prepare_train_filter_merge_fold_predict(tmp_path, tiny_sp_tokenizer, mo
     base = tmp_path / "base.ckpt"
     ms.save_checkpoint(base_net, str(base))
 
-    job = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
-    del job["dataset"]
-    job["data"] = data_section(tmp_path, tiny_sp_tokenizer)
+    job = use_prepared_data(yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text()), tmp_path,
+                            tiny_sp_tokenizer)
     job["checkpoint"] = {"load": str(base)}
-    job["mindformers"] = {"overrides": {"model.model_config.seq_length": SEQ_LENGTH_FOR_TEMPLATE}}
     job["cluster"]["master_port"] = free_port()
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
 

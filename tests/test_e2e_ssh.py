@@ -15,12 +15,11 @@ import yaml
 from conftest import (
     EXAMPLES,
     LAUNCHER,
-    SEQ_LENGTH_FOR_TEMPLATE,
     assert_lora_checkpoints,
-    data_section,
     free_port,
     only_run,
     run_launcher,
+    use_prepared_data,
 )
 
 from launcher import gather
@@ -90,11 +89,7 @@ def test_two_hosts_train_together(tmp_path, cluster, tiny_dataset, launch):
 def test_prepared_dataset_is_staged_to_every_host(tmp_path, cluster, tiny_sp_tokenizer):
     """A data: section is tokenized once here; each node gets the file in its run directory."""
     job = write_job(tmp_path, cluster, "unused")
-    data = yaml.safe_load(job.read_text())
-    del data["dataset"]
-    data["data"] = data_section(tmp_path, tiny_sp_tokenizer)
-    data["mindformers"] = {"overrides": {"model.model_config.seq_length": SEQ_LENGTH_FOR_TEMPLATE}}
-    job.write_text(yaml.safe_dump(data))
+    job.write_text(yaml.safe_dump(use_prepared_data(yaml.safe_load(job.read_text()), tmp_path, tiny_sp_tokenizer)))
     result = run_launcher("up", job, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "wrote 64 records" in result.stdout
