@@ -15,6 +15,7 @@ Output formats, as the public documentation shows them:
   `No running processes found in NPU N` (npu-smi reference, "查询基本信息":
   https://www.hiascend.com/document/detail/zh/Atlas%20200I%20A2/2520/re/npu/npusmi_007.html,
   and its field list in the Atlas 300I Pro guide, 300Ipro_015.html).
+- the driver, CANN toolkit and MindSpore versions: see launcher/ascend_versions.py.
 - super_device_id of an NPU: the SDID field of `npu-smi info -t spod-info -i ID -c CHIP`, super_pod_id:
   its "Super Pod ID" (CANN HCCL user guide, see launcher/ranktable.py).
 """
@@ -27,16 +28,21 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from launcher import ascend_versions as versions
 from launcher.errors import ConfigError
 from launcher.ranktable import ServerDevices, single_node_table
-from launcher.spec import parse_devices, read_yaml_file
+from launcher.inputs import read_yaml_file
+from launcher.spec import parse_devices
 
 DRIVER_DIR = "/usr/local/Ascend/driver"
 HCCN_CONF = "/etc/hccn.conf"
+TOOLKIT_DIRS = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/cann")  # CANN up to 8.3, 8.5 on
+MINDSPORE_VERSION = "from importlib.metadata import version; print(version('mindspore'))"  # no slow import
 TIMEOUT_S = 30.0
 NOT_FOUND = 127
 
@@ -283,11 +289,82 @@ def check_net_health(dev: int, text: str) -> str | None:
             f"(set it to the gateway with 'hccn_tool -i {dev} -netdetect -s address GATEWAY')")
 
 
-def preflight(devices: list[int], multi_node: bool, run: Runner, driver_dir: str = DRIVER_DIR) -> list[str]:
-    """Every problem that would stop the job's ranks on this node, each with what to run to fix it."""
+def _read(run: Runner, path: str) -> str | None:
+    result = run(["cat", path])
+    return result.out if result.rc == 0 else None
+
+
+def read_driver_version(run: Runner, driver_dir: str) -> tuple[str | None, str | None]:
+    """The driver version, or None and the problem."""
+    path = f"{driver_dir}/version.info"
+    text = _read(run, path)
+    version = versions.parse_driver_version_info(text) if text is not None else None
+    if version:
+        return version, None
+    why = "has no Version= line" if text is not None else "is missing"
+    return None, f"{path} {why}; reinstall the Ascend NPU driver (in a container: mount the host's {driver_dir})"
+
+
+def read_cann_version(run: Runner, toolkit_dirs: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """The CANN toolkit version from the first toolkit directory that records one, or None and the problem."""
+    arch = run(["uname", "-m"]).out.strip() or "aarch64"
+    tried = []
+    for root in toolkit_dirs:
+        for path, parse in ((f"{root}/{arch}-linux/ascend_toolkit_install.info", versions.parse_toolkit_install_info),
+                            (f"{root}/version.cfg", versions.parse_version_cfg)):
+            text = _read(run, path)
+            version = parse(text) if text is not None else None
+            if version:
+                return version, None
+            tried.append(path)
+    return None, (f"no CANN toolkit version found (none of {', '.join(tried)} gives one); install the CANN "
+                  "toolkit (in a container: use an image with CANN); if it is elsewhere, give "
+                  "'launcher preflight --toolkit-dir' the ASCEND_HOME_PATH its set_env.sh sets")
+
+
+def read_mindspore_version(run: Runner, python: str) -> str | None:
+    result = run([python, "-c", MINDSPORE_VERSION])
+    lines = result.out.strip().splitlines()
+    return lines[-1].strip() if result.rc == 0 and lines else None
+
+
+def check_versions(run: Runner, driver_dir: str | None, toolkit_dirs: tuple[str, ...],
+                   mindspore: str | None, python: str | None) -> list[str]:
+    """Problems with the driver, CANN and MindSpore versions of a node: files missing, a CANN the installed
+    MindSpore does not run on, a driver older than the CANN needs. driver_dir None: no driver to read.
+    mindspore: the version if the caller has read it; else it is read with python (None: not checked)."""
+    problems = []
+    driver = None
+    if driver_dir is not None:
+        driver, problem = read_driver_version(run, driver_dir)
+        if problem:
+            problems.append(problem)
+    cann, problem = read_cann_version(run, toolkit_dirs)
+    if problem:
+        problems.append(problem)
+    if mindspore is None and python is not None:
+        mindspore = read_mindspore_version(run, python)
+        if mindspore is None:
+            fits = versions.mindspore_for_cann(cann) if cann else []
+            hint = f" (MindSpore {' / '.join(fits)} goes with CANN {cann})" if fits else ""
+            problems.append(f"MindSpore is not installed for {python}; install it there{hint}")
+    if cann and mindspore and (problem := versions.check_cann(mindspore, cann)):
+        problems.append(problem)
+    if cann and driver and (problem := versions.check_driver(cann, driver)):
+        problems.append(problem)
+    return problems
+
+
+def preflight(devices: list[int], multi_node: bool, run: Runner, driver_dir: str = DRIVER_DIR,
+              toolkit_dirs: tuple[str, ...] = TOOLKIT_DIRS, mindspore: str | None = None,
+              python: str | None = sys.executable) -> list[str]:
+    """Every problem that would stop the job's ranks on this node, each with what to run to fix it.
+
+    mindspore and python: as check_versions takes them; python is the interpreter the job runs."""
     problems = []
     result = run(["test", "-d", driver_dir])
-    if result.rc != 0:
+    has_driver = result.rc == 0
+    if not has_driver:
         problems.append(f"{driver_dir} is missing; install the Ascend NPU driver "
                         f"(in a container: mount it from the host with hostPath {driver_dir})")
     argv = ["npu-smi", "info"]
@@ -306,4 +383,5 @@ def preflight(devices: list[int], multi_node: bool, run: Runner, driver_dir: str
             problem = f"device {dev}: {failed}" if failed else check_net_health(dev, result.out)
             if problem:
                 problems.append(problem)
+    problems += check_versions(run, driver_dir if has_driver else None, toolkit_dirs, mindspore, python)
     return problems

@@ -71,8 +71,8 @@ def ranktable_discover(server_ip: str | None, devices: str, hccn_conf: str, time
 @click.option("--devices-per-node", default=16, show_default=True, type=click.IntRange(1, 64))
 @reports_errors
 def ranktable_merge(files: tuple[str, ...], output: str | None, devices_per_node: int) -> None:
-    """Merge per-node rank tables (in any order) into one: servers in string order of server_id
-    (v1.2: by super pod, then server_id), rank_id renumbered from 0."""
+    """Merge per-node rank tables into one, servers in the order of FILES (as merge_hccl.py does; v1.2
+    brings each super pod's servers together), rank_id renumbered from 0 in that order."""
     from launcher import ranktable
 
     _write_table(ranktable.merge_files(list(files), devices_per_node), output)
@@ -112,10 +112,19 @@ def ranktable_validate(file: str, devices_per_node: int) -> None:
 @click.option("--node", type=int, help="index in cluster.nodes of this machine (default: the node whose host "
                                        "names this machine)")
 @click.option("--driver-dir", default="/usr/local/Ascend/driver", show_default=True)
+@click.option("--toolkit-dir", "toolkit_dirs", multiple=True,
+              help="CANN toolkit directory, as ASCEND_HOME_PATH names it (default: $ASCEND_HOME_PATH, "
+                   "/usr/local/Ascend/ascend-toolkit/latest, /usr/local/Ascend/cann)")
+@click.option("--python", "python", default=sys.executable, show_default="this launcher's",
+              help="the python the job runs, whose MindSpore is checked against CANN")
 @click.option("--timeout", default=30.0, show_default=True, help="seconds each npu-smi/hccn_tool call may take")
 @reports_errors
-def preflight_cmd(job_file: str, node: int | None, driver_dir: str, timeout: float) -> None:
-    """Check this node for JOB on Ascend: driver, free NPUs, and (multi-node) each NPU's network health."""
+def preflight_cmd(job_file: str, node: int | None, driver_dir: str, toolkit_dirs: tuple[str, ...], python: str,
+                  timeout: float) -> None:
+    """Check this node for JOB on Ascend: driver, free NPUs, (multi-node) each NPU's network health, and
+    that the driver, CANN and MindSpore versions go together."""
+    import os
+
     from launcher import ascend
 
     job = load_job(job_file)
@@ -130,7 +139,11 @@ def preflight_cmd(job_file: str, node: int | None, driver_dir: str, timeout: flo
     if not 0 <= node < len(nodes):
         raise ConfigError(f"--node: {node} is not a node of this job (0-{len(nodes) - 1})")
     devices = nodes[node].devices
-    problems = ascend.preflight(devices, len(nodes) > 1, ascend.local_runner(timeout), driver_dir)
+    if not toolkit_dirs:
+        home = os.environ.get("ASCEND_HOME_PATH")
+        toolkit_dirs = ((home,) if home else ()) + ascend.TOOLKIT_DIRS
+    problems = ascend.preflight(devices, len(nodes) > 1, ascend.local_runner(timeout), driver_dir,
+                                toolkit_dirs, python=python)
     where = f"node {node} ({nodes[node].host})"
     if problems:
         err.print(f"preflight failed on {where}: {len(problems)} problem(s)", markup=False)

@@ -23,7 +23,7 @@ from pydantic import (
 
 from launcher.errors import ConfigError
 from launcher.render import data_dir
-from launcher.spec import ENV_NAME_RE, read_yaml_file
+from launcher.inputs import ENV_NAME_RE, read_yaml_file
 
 PLATFORMS = {"aarch64": "linux/arm64", "x86_64": "linux/amd64"}
 RUN_USER = "HwHiAiUser"  # the NPU driver's default running user and group

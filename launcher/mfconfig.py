@@ -11,7 +11,8 @@ import yaml
 
 from launcher.errors import ConfigError
 from launcher.render import data_dir
-from launcher.spec import Job
+from launcher.models import release_line
+from launcher.spec import Job, mindformers_release
 
 # Where MindFormers writes, relative to each node's work directory.
 OUTPUT_DIR = "./output"
@@ -47,11 +48,8 @@ def build(job: Job) -> dict:
     cfg["load_checkpoint"] = job.checkpoint.load
     cfg["auto_trans_ckpt"] = job.checkpoint.auto_trans
     cfg.setdefault("context", {})["device_target"] = "CPU" if cluster.device == "cpu" else "Ascend"
-    # Pure data parallel is MindSpore's DATA_PARALLEL mode (0); anything sharded needs SEMI_AUTO (1).
-    semi_auto = par.model_parallel > 1 or par.pipeline_stage > 1
     parallel = cfg.setdefault("parallel", {})
-    parallel["parallel_mode"] = 1 if semi_auto else 0
-    parallel["full_batch"] = semi_auto
+    parallel.update(parallel_settings(job))
     cfg.setdefault("parallel_config", {}).update(
         data_parallel=par.data_parallel,
         model_parallel=par.model_parallel,
@@ -76,11 +74,45 @@ def build(job: Job) -> dict:
         }
     else:
         model_config.pop("pet_config", None)
+    _name_callbacks_for(cfg, mindformers_release(job)[0])
     for dotted, value in job.mindformers.overrides.items():
         apply_override(cfg, dotted, value)
     if job.mindformers.overrides and "train_dataset_task" in cfg:
         cfg["train_dataset_task"]["dataset_config"] = copy.deepcopy(cfg["train_dataset"])
     return cfg
+
+
+# The checkpoint callback's registered name: CheckpointMointor (sic) up to MindFormers 1.1, CheckpointMonitor
+# from 1.2 on (mindspore-lab/mindformers mindformers/core/callback/callback.py at v1.1.0 and v1.2.0).
+_CHECKPOINT_CALLBACKS = ("CheckpointMointor", "CheckpointMonitor")
+
+
+def _name_callbacks_for(cfg: dict, version: str | None) -> None:
+    """Spell the checkpoint callback as the ranks' MindFormers registers it, when the release is known."""
+    if version is None:
+        return
+    name = _CHECKPOINT_CALLBACKS[release_line(version) >= (1, 2)]
+    for callback in cfg.get("callbacks") or []:
+        if isinstance(callback, dict) and callback.get("type") in _CHECKPOINT_CALLBACKS:
+            callback["type"] = name
+
+
+def parallel_settings(job: Job) -> dict:
+    """parallel_mode, full_batch and gradients_mean for the job's device.
+
+    Ascend runs every layout, pure data parallel included, as SEMI_AUTO_PARALLEL (1) with full_batch,
+    as every anchor config does (mindformers configs/llama2/lora_llama2_7b.yaml r1.0-r1.5.0,
+    research/baichuan2/finetune_baichuan2_7b_lora.yaml r1.3.0, research/qwen1_5/finetune_qwen1_5_7b.yaml
+    r1.2-r1.5): the loss is then the mean over the global batch, so the gradients need no extra mean and
+    the anchors keep gradients_mean False.
+    The CPU cannot compile SEMI_AUTO (MindSpore 2.7.2: "Invalid backend: CPU", even for pure data
+    parallel), so it runs DATA_PARALLEL (0): each rank's loss is the mean over its own batch and the
+    gradients must be averaged over the ranks (gradients_mean True), or they are summed and the step
+    size and clipping change with the number of ranks.
+    """
+    if job.cluster.device == "ascend":
+        return {"parallel_mode": 1, "full_batch": True, "gradients_mean": False}
+    return {"parallel_mode": 0, "full_batch": False, "gradients_mean": True}
 
 
 def apply_override(cfg: dict, dotted: str, value: Any) -> None:
@@ -100,7 +132,27 @@ def apply_override(cfg: dict, dotted: str, value: Any) -> None:
         close = difflib.get_close_matches(leaf, list(node), n=1, cutoff=0.8)
         if close:
             raise ConfigError(f"{where}: '{leaf}' is not in the base config; did you mean '{close[0]}'?")
+    elif not _same_kind(node[leaf], value):
+        # Caught here, once, instead of by MindFormers on every node.
+        raise ConfigError(f"{where}: the base config has a {_kind(node[leaf])} here ({node[leaf]!r}), "
+                          f"not a {_kind(value)} ({value!r})")
     node[leaf] = value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {int: "integer", float: "number", str: "string", list: "list", dict: "section"}.get(
+        type(value), type(value).__name__)
+
+
+def _same_kind(base: Any, value: Any) -> bool:
+    """An override keeps the base value's kind; an integer may stand for a float. A null base takes anything."""
+    if base is None or _kind(base) == _kind(value):
+        return True
+    return _kind(base) == "number" and _kind(value) == "integer"
 
 
 def _hint(key: str, known: list[str]) -> str:

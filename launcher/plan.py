@@ -15,10 +15,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from launcher import helm_values, k8s_manifests, mfconfig, ranktable
+from launcher import helm_values, k8s_ascend, k8s_manifests, mfconfig, ranktable
 from launcher.errors import ConfigError
 from launcher.render import render_template, to_json, to_yaml
-from launcher.spec import Job
+from launcher.models import BIND_CORE_FROM, MODELS, MODULES_ENV, modules_env, release_line
+from launcher.spec import Job, mindformers_release, runs_in_image
 
 PLAN_FILE = "plan.json"
 CONFIG_PATH = "mindformers/run.yaml"
@@ -142,21 +143,28 @@ class LaunchPlan:
         )
 
 
+def visible_devices(job: Job, node_index: int) -> list[int]:
+    """The device ids the node's processes use. Inside a container the NPUs it was given are numbered
+    0..n-1 whichever host devices they are (mindformers r1.0 mindformers/tools/hccl_tools.py,
+    --visible_devices help: in docker a table for devices [4,8) must say [0,4)); on the host, the job's."""
+    devices = job.cluster.nodes[node_index].devices
+    return list(range(len(devices))) if runs_in_image(job) else list(devices)
+
+
 def _rank_table_servers(job: Job) -> list[ranktable.ServerDevices] | None:
     nodes = job.cluster.nodes
     if not all(n.device_ips and n.rank_table_server_id for n in nodes):
         return None
     return [
-        ranktable.ServerDevices(n.rank_table_server_id, tuple(n.devices), tuple(n.device_ips)) for n in nodes
+        ranktable.ServerDevices(n.rank_table_server_id, tuple(visible_devices(job, i)), tuple(n.device_ips))
+        for i, n in enumerate(nodes)
     ]
 
 
 def launch_order(job: Job) -> list[int]:
-    """Node indices in global-rank order. With a rank table this must follow its server order."""
-    nodes = job.cluster.nodes
-    if job.cluster.launch == "ranktable" and _rank_table_servers(job):
-        return sorted(range(len(nodes)), key=lambda i: nodes[i].rank_table_server_id)
-    return list(range(len(nodes)))
+    """Node indices in global-rank order: the job's node order, which is also the server order of the
+    merged rank table (as merge_hccl.py keeps its arguments' order), so RANK_ID follows the table."""
+    return list(range(len(job.cluster.nodes)))
 
 
 def assign_ranks(job: Job) -> list[RankSlot]:
@@ -181,10 +189,17 @@ def assign_ranks(job: Job) -> list[RankSlot]:
     return slots
 
 
+# Path variables that the job's env adds to (in front, as msrun_launcher.sh does with PYTHONPATH) instead
+# of replacing: CANN's set_env.sh and the images put te/tbe, the toolkit's libraries and tools on them.
+PATH_VARIABLES = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH")
+
+
 def job_environment(job: Job) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1", "GLOG_v": "2"}
     if job.cluster.device == "ascend":
         env.update(HCCL_CONNECT_TIMEOUT="1200", HCCL_EXEC_TIMEOUT="1800")
+    if MODELS[job.model].research:
+        env[MODULES_ENV] = modules_env(job.model, job.mindformers.source)
     env.update(job.env)
     return env
 
@@ -205,7 +220,7 @@ def build_plan(job: Job) -> LaunchPlan:
 
     artifacts: dict[str, str] = {
         CONFIG_PATH: to_yaml(cfg),
-        ENV_PATH: render_template("job.env.j2", env=job_environment(job)),
+        ENV_PATH: render_template("job.env.j2", env=job_environment(job), path_variables=PATH_VARIABLES),
         ENTRYPOINT_PATH: _ENTRYPOINT_SOURCE.read_text(),
     }
     servers = _rank_table_servers(job)
@@ -234,7 +249,9 @@ def build_plan(job: Job) -> LaunchPlan:
             entrypoint_path=ENTRYPOINT_PATH,
             ranktable_path=RANKTABLE_PATH if servers else None,
             status_dir=STATUS_DIR,
-            visible_devices=",".join(str(s.device) for s in node_slots),
+            devices=visible_devices(job, node_index),
+            in_container=runs_in_image(job),
+            bind_core=_bind_core(job),
             scheduler=cluster.device == "cpu" and node_rank == 0,
         )
         template = "launch_msrun.sh.j2" if cluster.launch == "msrun" else "launch_ranktable.sh.j2"
@@ -243,7 +260,7 @@ def build_plan(job: Job) -> LaunchPlan:
         if cluster.runtime == "docker":
             entry = f"nodes/node-{node_index}/docker-run.sh"
             artifacts[entry] = render_template("docker_run.sh.j2", **context, script=script,
-                                               image=f"{job.image.name}:{job.image.tag}")
+                                               image=job.image.reference)
         node = cluster.nodes[node_index]
         ssh = cluster.ssh
         steps.append(NodeStep(
@@ -275,8 +292,13 @@ def build_plan(job: Job) -> LaunchPlan:
 def _k8s_artifacts(job: Job, artifacts: dict[str, str], slots, steps, master_addr: str) -> dict[str, str]:
     """The pods' scripts, the manifests that carry every file the pods read, and the Helm values."""
     context = dict(job=job, env_path=ENV_PATH, entrypoint_path=ENTRYPOINT_PATH, config_path=CONFIG_PATH,
-                   status_dir=STATUS_DIR, cluster_time_out=job.cluster.cluster_time_out)
+                   status_dir=STATUS_DIR, cluster_time_out=job.cluster.cluster_time_out,
+                   cluster_rank_table=k8s_ascend.cluster_rank_table(job),
+                   wait_ranktable_script=k8s_ascend.WAIT_RANKTABLE_SCRIPT)
     pod_files = dict(artifacts)
+    if k8s_ascend.cluster_rank_table(job):
+        pod_files[k8s_ascend.WAIT_RANKTABLE_SCRIPT] = ranktable.wait_script(
+            k8s_ascend.RANKTABLE_FILE, timeout_s=job.cluster.cluster_time_out)
     if job.cluster.k8s.kind == "ascend-job":
         pod_files[k8s_manifests.ACJOB_WORKER_SCRIPT] = render_template("k8s_acjob_worker.sh.j2", **context)
     if job.cluster.k8s.kind == "ascend-job" or job.cluster.k8s.pods == "per-rank":
@@ -288,6 +310,12 @@ def _k8s_artifacts(job: Job, artifacts: dict[str, str], slots, steps, master_add
     if helm_values.applies(job):
         out[helm_values.HELM_VALUES_PATH] = to_yaml(helm_values.values(job, pod_files, slots))
     return out
+
+
+def _bind_core(job: Job) -> bool:
+    """msrun --bind_core=True on Ascend, as msrun_launcher.sh does from MindFormers 1.6 on."""
+    version, _ = mindformers_release(job)
+    return job.cluster.device == "ascend" and (version is None or release_line(version) >= release_line(BIND_CORE_FROM))
 
 
 def _ssh_options(job: Job) -> SshOptions:

@@ -1,11 +1,14 @@
 """HCCL rank tables, v1.0 and v1.2: build per node, merge across nodes, validate.
 
-Every value in the table is a string. A merged v1.0 table lists servers in the dictionary (string)
-order of server_id, as MindSpore requires, and numbers rank_id from 0 in that order.
+Every value in the table is a string. A merged table lists the servers in the order it is given them,
+as mindformers r1.0 mindformers/tools/merge_hccl.py keeps its arguments' order (and ascend-operator,
+Ascend/mind-cluster component/ascend-operator/pkg/ranktable, lists pods by their rank index), and
+numbers rank_id from 0 in that order, each server holding the next block. No source requires another
+order of server_id, so a table in any server order is valid.
 
 v1.2 (Atlas A3 super pods) adds a super_device_id to every device and a super_pod_list that names
 the servers of each super pod. HCCL wants the servers of one super pod listed together, so a v1.2
-table orders servers by super_pod_id, then by server_id (string order for both).
+merge groups each super pod's servers at the place of its first server, keeping the given order otherwise.
 Format: CANN HCCL user guide, "rank table configuration, Atlas A3 training products"
 (https://www.hiascend.com/document/detail/zh/canncommercial/82RC1/hccl/hcclug/hcclug_000014.html).
 
@@ -37,8 +40,12 @@ class ServerDevices:
     super_pod_id: str | None = None
 
 
-def _order_key(server: ServerDevices) -> tuple[str, str]:
-    return (server.super_pod_id or "", server.server_id)
+def _in_table_order(servers: list[ServerDevices]) -> list[ServerDevices]:
+    """The given order, with the servers of one super pod brought together (v1.2)."""
+    first_seen = {}
+    for i, server in enumerate(servers):
+        first_seen.setdefault(server.super_pod_id, i)
+    return sorted(servers, key=lambda s: first_seen[s.super_pod_id])
 
 
 def single_node_table(server: ServerDevices, first_rank: int = 0) -> dict:
@@ -46,7 +53,7 @@ def single_node_table(server: ServerDevices, first_rank: int = 0) -> dict:
 
 
 def merge_servers(servers: list[ServerDevices]) -> dict:
-    """One table for the whole cluster, rank_id renumbered from 0 in server order."""
+    """One table for the whole cluster in the given server order, rank_id renumbered from 0."""
     if not servers:
         raise ConfigError("rank table: no servers to put in it")
     dups = [i for i, n in Counter(s.server_id for s in servers).items() if n > 1]
@@ -55,7 +62,7 @@ def merge_servers(servers: list[ServerDevices]) -> dict:
     if len({s.super_pod_id is None for s in servers}) > 1:
         raise ConfigError("rank table: some servers have a super_pod_id and some do not; "
                           "a v1.2 table needs one for every server")
-    table = _table(sorted(servers, key=_order_key), 0)
+    table = _table(_in_table_order(servers), 0)
     problems = validate(table)
     if problems:
         raise ConfigError("rank table: " + "; ".join(problems))
@@ -64,7 +71,7 @@ def merge_servers(servers: list[ServerDevices]) -> dict:
 
 def server_order(servers: list[ServerDevices]) -> list[str]:
     """The server_ids in the order the merged table lists them (and numbers their ranks)."""
-    return [s.server_id for s in sorted(servers, key=_order_key)]
+    return [s.server_id for s in _in_table_order(servers)]
 
 
 def _table(servers: list[ServerDevices], first_rank: int) -> dict:
@@ -128,7 +135,7 @@ def validate(table, devices_per_node: int = 16, merge_input: bool = False) -> li
     if version == "1.2":
         checker.super_pods(table.get("super_pod_list"))
     if not merge_input:
-        checker.ranks_and_order(version == "1.2")
+        checker.rank_blocks()
     return problems
 
 
@@ -224,7 +231,7 @@ class _Checker:
         self.rank_at[int(rank)] = path
         return int(rank)
 
-    def ranks_and_order(self, v12: bool) -> None:
+    def rank_blocks(self) -> None:
         total = sum(len(ranks) for _, _, ranks in self.servers)
         missing = [r for r in range(total) if r not in self.rank_at]
         if missing:
@@ -238,13 +245,6 @@ class _Checker:
                 self.problems.append(f"{where}: its rank_ids must be {first}-{first + len(ranks) - 1}, "
                                      "the next block after the servers listed before it")
             first += len(ranks)
-        if v12:
-            return  # v1.2 orders servers by super pod first; super_pods() checks that
-        ids = [(where, sid) for where, sid, _ in self.servers if sid is not None]
-        for (_, before), (where, sid) in zip(ids, ids[1:]):
-            if sid < before:
-                self.problems.append(f"{where}.server_id: {sid!r} comes before {before!r} in string order; "
-                                     "MindSpore numbers ranks in the string order of server_id")
 
     def super_pods(self, pods) -> None:
         if not isinstance(pods, list):

@@ -7,13 +7,13 @@ Everything here is pure except `load_job` (reads the file) and `check_local_host
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import ipaddress
 import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,28 +23,25 @@ from pydantic import (
     model_validator,
 )
 
+from launcher import images
 from launcher.errors import ConfigError
+from launcher.inputs import ENV_NAME_RE, read_yaml_file
+from launcher.models import MODELS, MSRUN_FROM, release_line
 
-# Models and methods with a base config under configs/mindformers/<model>/<method>.yaml.
-SUPPORTED = {
-    "tiny_llama": ("lora", "full"),
-    "llama2_7b": ("lora",),
-    "baichuan2_7b": ("lora",),
-    "qwen1_5_7b": ("lora", "full"),
-}
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML already gives numbers and booleans their types, so `alpha: true` or `epochs: "3"`
+    # is a mistake to report, not a value to convert.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Dataset(Strict):
     path: str | None = Field(None, description="MindRecord file or directory the ranks read (on the nodes for "
                              "remote backends); leave it out when a data: section prepares it")
-    shuffle: bool = False
+    shuffle: bool = Field(True, description="every MindFormers fine-tune config shuffles its training data")
 
 
 class Data(Strict):
@@ -91,6 +88,17 @@ class Lora(Strict):
 class MindFormers(Strict):
     base: str | None = Field(None, description="base config path; default: the shipped one for model/method")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value")
+    version: str | None = Field(None, description="the MindFormers release the ranks run, e.g. 1.0.2; default: "
+                                "the image entry's, or the installed one for local runs")
+    source: str | None = Field(None, description="a MindFormers source checkout of that release on the nodes; "
+                               "research models (baichuan2_7b) import their classes from its research/ folder")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str | None) -> str | None:
+        if v is not None:
+            release_line(v)
+        return v
 
 
 def parse_devices(value: Any) -> list[int]:
@@ -174,9 +182,22 @@ class K8s(Strict):
     namespace: str = "default"
     pods: Literal["per-rank", "per-node"] = Field("per-rank", description="one pod per rank, or one per node")
     kind: Literal["pods", "volcano-job", "ascend-job"] = Field("pods", description="plain pods, or a job controller")
-    scheduler: Literal["default", "volcano"] = Field("default", description="volcano: gang-schedule the pods")
+    scheduler: Literal["default", "volcano"] | None = Field(
+        None, description="volcano: gang-schedule the pods; default: volcano for Ascend jobs, else default")
+    device_plugin: Literal["volcano", "default"] = Field(
+        "volcano", description="mode of the cluster's Ascend device plugin (-volcanoType=true is volcano)")
     queue: str = Field("default", description="Volcano queue")
     resource_name: str = Field("huawei.com/Ascend910", description="extended resource of one NPU")
+    # Values of ascend-for-volcano (Ascend/mind-cluster component/ascend-for-volcano/common/util/constants.go):
+    # the accelerator-type node label picks its scheduling handler, which falls back to the 910A one
+    # without it; ring-controller.atlas names the chip family to MindCluster's controllers.
+    accelerator_type: Literal["module", "half", "card", "module-910b-8", "module-910b-16", "module-a3-16",
+                              "module-a3-8-super-pod", "module-a3-16-super-pod"] = Field(
+        "module-910b-8", description="accelerator-type node label of the NPU servers (Ascend pods' nodeSelector)")
+    host_arch: Literal["huawei-arm", "huawei-x86"] | None = Field(
+        None, description="host-arch node label of the NPU servers; unset: any architecture")
+    ring_controller: Literal["ascend-910", "ascend-910b"] = Field(
+        "ascend-910b", description="ring-controller.atlas label: ascend-910 for Atlas 800 (910A), ascend-910b for A2")
     host_network: bool = False
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
@@ -184,6 +205,13 @@ class K8s(Strict):
     image_pull_secrets: list[str] = Field(default_factory=list, description="names of existing Secrets")
     output_pvc: str | None = Field(None, description="existing ReadWriteMany claim mounted at the MindFormers output")
     service_account: str | None = None
+
+    def scheduler_for(self, device: str) -> str:
+        """The scheduler of the pods. NPU pods default to Volcano: MindCluster's device plugin in Volcano
+        mode gives NPUs only to pods Volcano placed."""
+        if self.scheduler is not None:
+            return self.scheduler
+        return "volcano" if device == "ascend" else "default"
 
     @field_validator("namespace", "queue")
     @classmethod
@@ -238,6 +266,20 @@ class K8s(Strict):
         return v
 
 
+class AscendEnv(Strict):
+    """CANN's environment scripts, sourced by every Ascend launch script before the job's env.
+
+    SSH ranks run in a non-login shell and a pod's command replaces the image ENTRYPOINT that sources
+    them, so without this LD_LIBRARY_PATH, ASCEND_OPP_PATH and the te/tbe PYTHONPATH are missing (the
+    Ascend/mindxdl-deploy train_start.sh samples source the toolkit's set_env.sh the same way).
+    """
+
+    toolkit: str = Field("/usr/local/Ascend/ascend-toolkit/set_env.sh",
+                         description="the toolkit's set_env.sh; a rank refuses to start without it")
+    optional: list[str] = Field(default_factory=lambda: ["/usr/local/Ascend/nnal/atb/set_env.sh"],
+                                description="further set_env.sh files (NNAL), sourced where present")
+
+
 class Cluster(Strict):
     backend: Literal["local", "ssh", "k8s"] = "local"
     device: Literal["cpu", "ascend"] = "cpu"
@@ -247,17 +289,42 @@ class Cluster(Strict):
     k8s: K8s = K8s()
     devices_per_node: int = Field(8, ge=1, le=16)
     master_port: int = Field(8118, ge=1024, le=65535)
-    cluster_time_out: int = Field(600, ge=30, description="msrun --cluster_time_out, seconds")
+    # 7200 s as MindFormers' scripts/msrun_launcher.sh uses from r1.3.0 on: one node may still be pulling a
+    # multi-gigabyte image while the others wait.
+    cluster_time_out: int = Field(7200, ge=30, description="msrun --cluster_time_out, seconds")
+    ascend_env: AscendEnv = AscendEnv()
     nodes: list[Node] = Field(min_length=1)
 
 
+# The image matrix entry of MindFormers 1.8.0 / MindSpore 2.7.2 / CANN 8.5.0 (mindformers r1.8.0 README
+# version map: MindFormers 1.8.0 -> MindSpore 2.7.2 -> CANN 8.5.0 -> driver 25.5.0).
+DEFAULT_IMAGE_ENTRY = "ms2.7.2-mf1.8.0-cann8.5.0-py3.11-910b"
+
+
 class Image(Strict):
-    name: str = "swr.cn-south-1.myhuaweicloud.com/ascendhub/mindformers"
-    tag: str = "1.8.0-ms2.7.2-cann8.3"
+    """The container image of docker and Kubernetes runs: an entry of images/matrix.yaml (built by
+    `launcher image build ENTRY`, which tags it ascend-mindformers:ENTRY), or an image of your own."""
+
+    entry: str | None = Field(DEFAULT_IMAGE_ENTRY, description="an id of 'launcher image list'; its versions "
+                              "are known, so the job is checked against them")
+    name: str | None = Field(None, description="an image of your own instead of a matrix entry")
+    tag: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Image:
+        if (self.name is None) != (self.tag is None):
+            raise ValueError("give both name and tag of your own image")
+        return self
+
+    @property
+    def reference(self) -> str:
+        return f"{self.name}:{self.tag}" if self.name else f"ascend-mindformers:{self.entry}"
 
 
 class Output(Strict):
     runs_dir: str = "runs"
+    shared: bool = Field(False, description="every node sees the same output/ (a shared disk); multi-node "
+                         "checkpoint.auto_trans needs it")
 
 
 class Job(Strict):
@@ -285,16 +352,18 @@ class Job(Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if v not in SUPPORTED:
-            raise ValueError(f"unknown model '{v}'{_did_you_mean(v, SUPPORTED)}; choose one of {', '.join(SUPPORTED)}")
+        if v not in MODELS:
+            raise ValueError(f"unknown model '{v}'{_did_you_mean(v, MODELS)}; choose one of {', '.join(MODELS)}")
         return v
 
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
+        for key, value in v.items():
             if not ENV_NAME_RE.match(key):
                 raise ValueError(f"'{key}' is not a valid environment variable name")
+            if "\0" in value or "\n" in value or "\r" in value:
+                raise ValueError(f"the value of {key} holds a NUL byte or a line break; give it on one line")
         return v
 
     @model_validator(mode="after")
@@ -318,11 +387,12 @@ class _FieldProblem(ValueError):
 def check_job(job: Job) -> None:
     """Checks that span several fields. Raises _FieldProblem naming the field to fix."""
     cluster = job.cluster
-    if job.method not in SUPPORTED[job.model]:
-        methods = " or ".join(SUPPORTED[job.model])
+    if job.method not in MODELS[job.model].methods:
+        methods = " or ".join(MODELS[job.model].methods)
         raise _FieldProblem("method", f"{job.model} ships a base config for {methods} only")
     if job.method == "full" and "lora" in job.model_fields_set:
         raise _FieldProblem("lora", "a lora section only applies with method: lora")
+    _check_model_support(job)
 
     if job.data is None and not job.dataset.path:
         raise _FieldProblem("dataset.path", "is required: give the MindRecord to train on, or a data: section to prepare it")
@@ -390,6 +460,17 @@ def check_job(job: Job) -> None:
     if cluster.device == "cpu" and job.checkpoint.auto_trans:
         # Transforming a checkpoint has one rank write while the others wait at a barrier: no CPU kernel.
         raise _FieldProblem("checkpoint.auto_trans", "needs Ascend; on the CPU load a whole (merged) checkpoint")
+    if job.checkpoint.auto_trans and len(cluster.nodes) > 1 and not output_is_shared(job):
+        # MindFormers' transform_checkpoint.py (r1.8.0) waits until the local strategy folder holds every
+        # rank's strategy file and gives up after 7200 s; r1.3.0 docs/feature_cards/Transform_Ckpt.md says
+        # transforming across servers needs a shared disk.
+        raise _FieldProblem(
+            "checkpoint.auto_trans",
+            "across nodes needs an output/ that every node shares (each node waits for all ranks' strategy files "
+            "and fails after 2 hours); set output.shared: true if it is on a shared disk (on Kubernetes: "
+            "cluster.k8s.output_pvc, a ReadWriteMany claim), or transform the checkpoint for this layout before "
+            "the run (mindspore.transform_checkpoints; 'launcher ckpt merge' makes a whole one) and set auto_trans: false",
+        )
     if p.pipeline_stage > 1 and p.micro_batch_num < p.pipeline_stage:
         raise _FieldProblem("parallel.micro_batch_num", "must be at least pipeline_stage to fill the pipeline")
     if cluster.backend == "k8s":
@@ -398,6 +479,56 @@ def check_job(job: Job) -> None:
         raise _FieldProblem("cluster.k8s", "a k8s section only applies with backend: k8s")
     if cluster.backend == "local" and len(cluster.nodes) != 1:
         raise _FieldProblem("cluster.nodes", "the local backend runs one node; use backend ssh or k8s for more")
+
+
+def output_is_shared(job: Job) -> bool:
+    """Whether every node writes into one output/: said by the job, or an output claim on Kubernetes."""
+    return job.output.shared or (job.cluster.backend == "k8s" and job.cluster.k8s.output_pvc is not None)
+
+
+def runs_in_image(job: Job) -> bool:
+    return job.cluster.backend == "k8s" or job.cluster.runtime == "docker"
+
+
+def mindformers_release(job: Job) -> tuple[str | None, str]:
+    """(the MindFormers release the ranks run, the field that says so), where the job tells it."""
+    if job.mindformers.version:
+        return job.mindformers.version, "mindformers.version"
+    if runs_in_image(job) and job.image.name is None and job.image.entry:
+        return matrix_entry(job.image.entry).mindformers.version, "image.entry"
+    return None, "mindformers.version"
+
+
+def matrix_entry(entry_id: str):
+    entries = images.load_matrix()
+    if entry_id not in entries:
+        raise _FieldProblem("image.entry", f"no image '{entry_id}' in the matrix{_did_you_mean(entry_id, entries)}; "
+                            "see 'launcher image list'")
+    return entries[entry_id]
+
+
+def _check_model_support(job: Job) -> None:
+    """The model must be one the ranks' MindFormers carries; a research model needs its source tree."""
+    model = MODELS[job.model]
+    if "entry" in job.image.model_fields_set and job.image.entry:
+        matrix_entry(job.image.entry)
+    version, field = mindformers_release(job)
+    if version is not None and not model.carried_by(version):
+        able = [e.id for e in images.load_matrix().values() if model.carried_by(e.mindformers.version)]
+        hint = f" (images with one: {', '.join(able)})" if able else ""
+        raise _FieldProblem(field, f"{job.model} runs on {model.releases}, not on MindFormers {version}{hint}")
+    if version is not None and job.cluster.launch == "msrun" and release_line(version) < release_line(MSRUN_FROM):
+        raise _FieldProblem("cluster.launch", f"MindFormers {version} has no msrun launch (MindFormers' "
+                            f"msrun_launcher.sh arrived in {MSRUN_FROM}); use launch: ranktable")
+    if model.research is None:
+        return
+    if version is None:
+        raise _FieldProblem("mindformers.version", f"{job.model} lives in MindFormers' {model.research}, which only "
+                            f"{model.releases} has; say which release the ranks run (image.entry or mindformers.version)")
+    if not job.mindformers.source:
+        raise _FieldProblem("mindformers.source", f"{job.model}'s classes are in {model.research} of the MindFormers "
+                            f"source tree (no wheel ships it); give the path of a MindFormers {version} checkout on "
+                            "the nodes (or in the image)")
 
 
 def _check_k8s(job: Job) -> None:
@@ -422,8 +553,32 @@ def _check_k8s(job: Job) -> None:
                 "cluster.k8s.anti_affinity",
                 "one pod per host cannot place several per-rank pods on a node; use pods: per-node",
             )
-    if "queue" in k8s.model_fields_set and k8s.scheduler != "volcano" and k8s.kind == "pods":
+    scheduler = k8s.scheduler_for(job.cluster.device)
+    if "queue" in k8s.model_fields_set and scheduler != "volcano" and k8s.kind == "pods":
         raise _FieldProblem("cluster.k8s.queue", "a queue only applies with scheduler: volcano")
+    if job.cluster.device != "ascend":
+        return
+    if scheduler == "default" and k8s.kind != "volcano-job" and k8s.device_plugin == "volcano":
+        raise _FieldProblem(
+            "cluster.k8s.scheduler",
+            "MindCluster's device plugin in Volcano mode gives NPUs only to pods Volcano scheduled; use "
+            "scheduler: volcano, or set cluster.k8s.device_plugin: default if yours runs without -volcanoType=true",
+        )
+    if job.cluster.launch == "ranktable":
+        # MindCluster writes the rank table into rings-config-<job> for Volcano Jobs, not for bare pods,
+        # one server entry per pod; each pod finds its entry by its own IP.
+        if k8s.kind != "volcano-job" or k8s.pods != "per-rank":
+            raise _FieldProblem(
+                "cluster.k8s.kind",
+                "on Kubernetes MindCluster writes the rank table, for a Volcano Job of one pod per rank; "
+                "set kind: volcano-job and pods: per-rank, or use cluster.launch: msrun",
+            )
+        if k8s.host_network and any(len(n.devices) > 1 for n in job.cluster.nodes):
+            raise _FieldProblem(
+                "cluster.k8s.host_network",
+                "a rank-table pod finds its entry by its pod IP, which host networking shares between the "
+                "pods of a node; turn host_network off",
+            )
 
 
 def _did_you_mean(word: str, choices) -> str:
@@ -492,24 +647,6 @@ def parse_job(data: Any, source: str = "job") -> Job:
         raise ConfigError(f"{source}: {_first_error(err)}") from None
 
 
-def read_yaml_file(path: str | Path, what: str):
-    """The parsed content of a YAML input file, or one ConfigError naming the file and the problem."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such {what}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the {what} ({exc.__class__.__name__})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: YAML does not parse{where}: {problem}") from None
-
-
 def load_job(path: str | Path) -> Job:
     return parse_job(read_yaml_file(path, "job file"), str(path))
 
@@ -526,6 +663,14 @@ def resolve_local_paths(job: Job, base: Path) -> Job:
             "checkpoint": job.checkpoint.model_copy(update={"load": absolute(job.checkpoint.load)}),
         }
     )
+
+
+def installed_mindformers() -> str | None:
+    """The MindFormers release installed beside the launcher (which local runs use), if any."""
+    try:
+        return importlib.metadata.version("mindformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -547,6 +692,10 @@ def check_local_host(job: Job) -> None:
         )
     if job.checkpoint.load and not Path(job.checkpoint.load).exists():
         raise ConfigError(f"checkpoint.load: {job.checkpoint.load} does not exist")
+    installed = installed_mindformers()
+    model = MODELS[job.model]
+    if job.mindformers.version is None and installed and not model.carried_by(installed):
+        raise ConfigError(f"model: {job.model} runs on {model.releases}; this machine has MindFormers {installed}")
     if not port_is_free(job.cluster.master_port):
         raise ConfigError(
             f"cluster.master_port: port {job.cluster.master_port} is in use on this machine; "

@@ -9,6 +9,7 @@ The fixtures are written here. Their layout follows the public documentation:
   field list in .../Atlas%20300I%20Pro%20Inference%20Card/300Ipro_015.html).
 - `hccn_tool -i N -net_health -g`: "net health status: Success" or "net health status: Fault"
   (MindSpore tutorial "rank table Startup", mindspore-ai/docs tutorials/source_en/parallel/rank_table.md).
+- driver/version.info and <toolkit>/<arch>-linux/ascend_toolkit_install.info: see tests/test_ascend_versions.py.
 """
 
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLES, run_launcher
+from test_ascend_versions import driver_version_info, toolkit_install_info
 
 from launcher import ascend
 
@@ -78,13 +80,21 @@ exit 1
 
 
 class Node:
-    """A fake Ascend node: tools on PATH and a driver directory, all under tmp_path."""
+    """A fake Ascend node: tools on PATH, a driver directory and a CANN toolkit, all under tmp_path.
 
-    def __init__(self, tmp_path: Path):
+    Its versions are the ones MindSpore 2.7.2 (the test environment's) runs on: CANN 8.5.0, driver 25.5.0
+    (mindspore-lab/mindformers README.md at r1.8.0, version table)."""
+
+    def __init__(self, tmp_path: Path, driver: str = "25.5.0", cann: str = "8.5.0"):
         self.bin = tmp_path / "bin"
         self.bin.mkdir()
         self.driver = tmp_path / "Ascend" / "driver"
         self.driver.mkdir(parents=True)
+        (self.driver / "version.info").write_text(driver_version_info(driver))
+        self.toolkit = tmp_path / "Ascend" / "ascend-toolkit" / "latest"
+        arch_dir = self.toolkit / f"{os.uname().machine}-linux"
+        arch_dir.mkdir(parents=True)
+        (arch_dir / "ascend_toolkit_install.info").write_text(toolkit_install_info(cann, os.uname().machine))
 
     def npu_smi(self, text: str, sleep: int = 0) -> "Node":
         self._tool("npu-smi", FAKE_NPU_SMI.format(sleep=f"sleep {sleep}" if sleep else ""))
@@ -105,9 +115,14 @@ class Node:
     def env(self) -> dict:
         return {**os.environ, "PATH": f"{self.bin}:{SYSTEM_PATH}"}
 
-    def preflight(self, monkeypatch, devices=range(8), multi_node=True, timeout=10.0) -> list[str]:
+    def preflight(self, monkeypatch, devices=range(8), multi_node=True, timeout=10.0, **versions) -> list[str]:
         monkeypatch.setenv("PATH", self.env["PATH"])
-        return ascend.preflight(list(devices), multi_node, ascend.local_runner(timeout), str(self.driver))
+        return ascend.preflight(list(devices), multi_node, ascend.local_runner(timeout), str(self.driver),
+                                (str(self.toolkit),), **versions)
+
+    def cli(self, *args):
+        return run_launcher("preflight", *args, "--driver-dir", self.driver, "--toolkit-dir", self.toolkit,
+                            env=self.env)
 
 
 HEALTHY = {d: "Success" for d in range(8)}
@@ -141,6 +156,7 @@ def test_devices_held_by_other_jobs_on_devices_not_asked_for_are_fine(tmp_path, 
 
 def test_driver_missing(tmp_path, monkeypatch):
     node = Node(tmp_path).npu_smi(npu_smi_info()).hccn_tool(HEALTHY)
+    (node.driver / "version.info").unlink()
     node.driver.rmdir()
     assert node.preflight(monkeypatch) == [
         f"{node.driver} is missing; install the Ascend NPU driver "
@@ -210,26 +226,55 @@ def test_hccn_tool_missing_on_a_multi_node_job(tmp_path, monkeypatch):
         "hccn_tool not found on PATH; add the driver's tools (/usr/local/Ascend/driver/tools) to PATH"]
 
 
+def test_cann_the_installed_mindspore_does_not_run_on(tmp_path, monkeypatch):
+    """This environment's python has MindSpore 2.7.2, which runs on CANN 8.5 only (its AscendEnvChecker)."""
+    node = Node(tmp_path, cann="8.3.RC1").npu_smi(npu_smi_info()).hccn_tool(HEALTHY)
+    assert node.preflight(monkeypatch) == [
+        "CANN 8.3.RC1 is installed, but MindSpore 2.7.2 runs on CANN 8.5.0; install CANN 8.5.0 (toolkit and "
+        "ops packages), or MindSpore 2.7.1, which runs on CANN 8.3.RC1"]
+
+
+def test_driver_older_than_the_cann_needs(tmp_path, monkeypatch):
+    node = Node(tmp_path, driver="25.3.rc1").npu_smi(npu_smi_info()).hccn_tool(HEALTHY)
+    assert node.preflight(monkeypatch) == [
+        "Ascend driver 25.3.rc1 is older than the 25.5.0 that CANN 8.5.0 needs; upgrade the NPU driver and "
+        "firmware to Ascend HDK 25.5.0 or later"]
+
+
+def test_missing_version_files_are_reported_with_the_other_problems(tmp_path, monkeypatch):
+    node = Node(tmp_path).npu_smi(npu_smi_info(range(8), {3: [99]}))
+    (node.driver / "version.info").unlink()
+    info = node.toolkit / f"{os.uname().machine}-linux" / "ascend_toolkit_install.info"
+    info.unlink()
+    problems = node.preflight(monkeypatch, multi_node=False)
+    assert problems[0].startswith("device 3: held by process 99")
+    assert problems[1].startswith(f"{node.driver}/version.info is missing; reinstall the Ascend NPU driver")
+    assert problems[2].startswith(f"no CANN toolkit version found (none of {info}, {node.toolkit}/version.cfg "
+                                  "gives one); install the CANN toolkit")
+    assert len(problems) == 3
+
+
 # --- launcher preflight JOB -------------------------------------------------------------------
 
 def test_cli_passes(tmp_path):
     node = Node(tmp_path).npu_smi(npu_smi_info()).hccn_tool(HEALTHY)
-    result = run_launcher("preflight", TWO_NODES, "--node", "1", "--driver-dir", node.driver, env=node.env)
+    result = node.cli(TWO_NODES, "--node", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "preflight passed on node 1 (10.0.0.10): devices 0, 1, 2, 3, 4, 5, 6, 7\n"
 
 
 def test_cli_single_node_job_needs_no_node_index(tmp_path):
     node = Node(tmp_path).npu_smi(npu_smi_info())
-    result = run_launcher("preflight", ONE_NODE, "--driver-dir", node.driver, env=node.env)
+    result = node.cli(ONE_NODE)
     assert result.returncode == 0, result.stderr
     assert "preflight passed on node 0 (10.0.0.11)" in result.stdout
 
 
 def test_cli_reports_every_failure_together(tmp_path):
     node = Node(tmp_path).npu_smi(npu_smi_info(range(8), {4: [5150]})).hccn_tool({**HEALTHY, 1: "Fault"})
+    (node.driver / "version.info").unlink()
     node.driver.rmdir()
-    result = run_launcher("preflight", TWO_NODES, "--node", "0", "--driver-dir", node.driver, env=node.env)
+    result = node.cli(TWO_NODES, "--node", "0")
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert lines[0] == "preflight failed on node 0 (10.0.0.9): 3 problem(s)"
@@ -237,6 +282,30 @@ def test_cli_reports_every_failure_together(tmp_path):
     assert lines[2].startswith("  device 4: held by process 5150 (npu-smi info)")
     assert lines[3].startswith("  device 1: net health status is 'Fault'")
     assert len(lines) == 4
+
+
+def test_cli_refuses_versions_that_do_not_go_together(tmp_path):
+    node = Node(tmp_path, driver="24.1.0", cann="8.3.RC1").npu_smi(npu_smi_info())
+    result = node.cli(ONE_NODE)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "preflight failed on node 0 (10.0.0.11): 2 problem(s)",
+        "  CANN 8.3.RC1 is installed, but MindSpore 2.7.2 runs on CANN 8.5.0; install CANN 8.5.0 (toolkit and "
+        "ops packages), or MindSpore 2.7.1, which runs on CANN 8.3.RC1",
+        "  Ascend driver 24.1.0 is older than the 25.3.RC1 that CANN 8.3.RC1 needs; upgrade the NPU driver and "
+        "firmware to Ascend HDK 25.3.RC1 or later",
+    ]
+
+
+def test_cli_checks_the_mindspore_of_the_python_given(tmp_path):
+    node = Node(tmp_path).npu_smi(npu_smi_info())
+    python = tmp_path / "job-python"
+    python.write_text("#!/usr/bin/env bash\n# Stands for a python whose MindSpore is 2.4.10.\necho 2.4.10\n")
+    python.chmod(0o755)
+    result = node.cli(ONE_NODE, "--python", python)
+    assert result.returncode == 1
+    assert ("  CANN 8.5.0 is installed, but MindSpore 2.4.10 runs on CANN 8.0.0; install CANN 8.0.0 (toolkit and "
+            "ops packages), or MindSpore 2.7.2, which runs on CANN 8.5.0") in result.stderr.splitlines()
 
 
 def test_cli_cpu_job_has_nothing_to_check():

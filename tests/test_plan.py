@@ -28,19 +28,22 @@ def ascend_2x8(launch):
 
 def test_ranktable_ranks_follow_the_merged_table_order():
     plan = build_plan(ascend_2x8("ranktable"))
-    # 10.0.0.10 sorts before 10.0.0.9, so it holds ranks 0-7 and the job's first node holds 8-15.
-    assert [(s.rank, s.host, s.device) for s in plan.ranks[:2]] == [(0, "10.0.0.10", 0), (1, "10.0.0.10", 1)]
-    second = [s for s in plan.ranks if s.host == "10.0.0.9"]
+    # The merged table keeps the job's node order (as merge_hccl.py keeps its arguments'), so the first
+    # node, 10.0.0.9, holds ranks 0-7 and 10.0.0.10 holds 8-15: RANK_ID is the table's rank_id.
+    assert [(s.rank, s.host, s.device) for s in plan.ranks[:2]] == [(0, "10.0.0.9", 0), (1, "10.0.0.9", 1)]
+    second = [s for s in plan.ranks if s.host == "10.0.0.10"]
     assert [s.rank for s in second] == list(range(8, 16))
     assert [s.device for s in second] == list(range(8))
     table = json.loads(plan.artifacts["ranktable/hccl.json"])
-    assert [s["server_id"] for s in table["server_list"]] == ["10.0.0.10", "10.0.0.9"]
-    script = plan.artifacts["nodes/node-0/launch.sh"]  # node-0 is 10.0.0.9, the second in rank order
+    assert [s["server_id"] for s in table["server_list"]] == ["10.0.0.9", "10.0.0.10"]
+    script = plan.artifacts["nodes/node-1/launch.sh"]  # node-1 is 10.0.0.10
     assert "RANK_ID=8 DEVICE_ID=0" in script and "RANK_ID=15 DEVICE_ID=7" in script
+    ranks_in_table = {(s["server_id"], d["device_id"]): d["rank_id"] for s in table["server_list"] for d in s["device"]}
+    assert ranks_in_table[("10.0.0.10", "0")] == "8" and ranks_in_table[("10.0.0.10", "7")] == "15"
     assert 'export RANK_TABLE_FILE="${plan_dir}/"ranktable/hccl.json' in script
     assert "export RANK_SIZE=16" in script
     assert "MS_ROLE" not in script  # Ascend rank-table mode meets through HCCL, not a scheduler
-    node_table = json.loads(plan.artifacts["ranktable/node-0.json"])
+    node_table = json.loads(plan.artifacts["ranktable/node-1.json"])
     assert node_table["server_list"][0]["device"][0]["rank_id"] == "8"
 
 
@@ -78,8 +81,8 @@ def test_mindformers_config_is_filled_from_the_job():
     assert cfg["parallel_config"]["pipeline_stage"] == 2
     assert cfg["parallel_config"]["micro_batch_num"] == 8
     assert cfg["parallel"]["parallel_mode"] == 1
-    assert cfg["load_checkpoint"] == "/models/qwen1_5_7b/qwen1_5_7b.ckpt"
-    assert cfg["auto_trans_ckpt"] is True
+    assert cfg["load_checkpoint"] == "/models/qwen1_5_7b/dp2-mp4-pp2/"
+    assert cfg["auto_trans_ckpt"] is False
     assert cfg["train_dataset"]["data_loader"]["dataset_dir"] == "/data/alpaca/alpaca-qwen-2048.mindrecord"
     assert cfg["train_dataset_task"]["dataset_config"]["data_loader"]["dataset_dir"] == (
         "/data/alpaca/alpaca-qwen-2048.mindrecord")
@@ -95,7 +98,8 @@ def test_lora_settings_and_overrides():
         "target_modules": ".*wq|.*wk|.*wv|.*wo",
     }
     assert cfg["runner_config"]["epochs"] == 2
-    assert cfg["parallel"]["parallel_mode"] == 0
+    # Pure data parallel on Ascend runs semi-auto with full_batch, as the anchors' dp=8 configs do.
+    assert cfg["parallel"]["parallel_mode"] == 1
 
 
 @pytest.mark.parametrize(
@@ -147,8 +151,11 @@ def test_docker_runtime_runs_the_node_script_in_the_image(tmp_path):
                  "--volume=/usr/local/Ascend/driver:/usr/local/Ascend/driver:ro",
                  "--volume=/usr/local/bin/npu-smi:/usr/local/bin/npu-smi:ro",
                  "--volume=/etc/ascend_install.info:/etc/ascend_install.info:ro",
+                 # Ascend/mind-cluster component/ascend-docker-runtime/build/scripts/base.list @22bb3d98
+                 "--volume=/usr/local/dcmi:/usr/local/dcmi:ro",
                  f"--volume={work}:{work}", f"--workdir={work}", "--env=LAUNCHER_RUN_ID"):
         assert flag in argv
     assert "--device=/dev/davinci4" not in argv
-    assert argv[-3:] == ["swr.cn-south-1.myhuaweicloud.com/ascendhub/mindformers:1.8.0-ms2.7.2-cann8.3", "bash",
+    # The matrix entry's image, as `launcher image build` tags it.
+    assert argv[-3:] == ["ascend-mindformers:ms2.2.10-cann7.0.0b1-py3.9-euler2.8.3-910b", "bash",
                          str(tmp_path / "plan" / "nodes" / "node-0" / "launch.sh")]

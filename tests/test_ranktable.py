@@ -46,8 +46,9 @@ def test_single_node_8():
     }
 
 
-def test_merged_2x8_follows_string_order_of_server_id():
-    # Given in numeric order .9 then .10; the table must list "10.0.0.10" first ("1" < "9").
+def test_merged_2x8_keeps_the_given_server_order():
+    # mindspore-lab/mindformers r1.0 mindformers/tools/merge_hccl.py: servers are appended in the order of
+    # its file arguments and rank_id counts up in that order. So .9 first, then .10 (no string order).
     table = merge_servers([
         ServerDevices("10.0.0.9", tuple(range(8)), tuple(IPS_A)),
         ServerDevices("10.0.0.10", tuple(range(8)), tuple(IPS_B)),
@@ -57,36 +58,38 @@ def test_merged_2x8_follows_string_order_of_server_id():
         "server_count": "2",
         "server_list": [
             {
-                "server_id": "10.0.0.10",
+                "server_id": "10.0.0.9",
                 "device": [
-                    {"device_id": "0", "device_ip": "192.168.100.10", "rank_id": "0"},
-                    {"device_id": "1", "device_ip": "192.168.101.10", "rank_id": "1"},
-                    {"device_id": "2", "device_ip": "192.168.102.10", "rank_id": "2"},
-                    {"device_id": "3", "device_ip": "192.168.103.10", "rank_id": "3"},
-                    {"device_id": "4", "device_ip": "192.168.100.20", "rank_id": "4"},
-                    {"device_id": "5", "device_ip": "192.168.101.20", "rank_id": "5"},
-                    {"device_id": "6", "device_ip": "192.168.102.20", "rank_id": "6"},
-                    {"device_id": "7", "device_ip": "192.168.103.20", "rank_id": "7"},
+                    {"device_id": "0", "device_ip": "192.168.100.9", "rank_id": "0"},
+                    {"device_id": "1", "device_ip": "192.168.101.9", "rank_id": "1"},
+                    {"device_id": "2", "device_ip": "192.168.102.9", "rank_id": "2"},
+                    {"device_id": "3", "device_ip": "192.168.103.9", "rank_id": "3"},
+                    {"device_id": "4", "device_ip": "192.168.100.19", "rank_id": "4"},
+                    {"device_id": "5", "device_ip": "192.168.101.19", "rank_id": "5"},
+                    {"device_id": "6", "device_ip": "192.168.102.19", "rank_id": "6"},
+                    {"device_id": "7", "device_ip": "192.168.103.19", "rank_id": "7"},
                 ],
                 "host_nic_ip": "reserve",
             },
             {
-                "server_id": "10.0.0.9",
+                "server_id": "10.0.0.10",
                 "device": [
-                    {"device_id": "0", "device_ip": "192.168.100.9", "rank_id": "8"},
-                    {"device_id": "1", "device_ip": "192.168.101.9", "rank_id": "9"},
-                    {"device_id": "2", "device_ip": "192.168.102.9", "rank_id": "10"},
-                    {"device_id": "3", "device_ip": "192.168.103.9", "rank_id": "11"},
-                    {"device_id": "4", "device_ip": "192.168.100.19", "rank_id": "12"},
-                    {"device_id": "5", "device_ip": "192.168.101.19", "rank_id": "13"},
-                    {"device_id": "6", "device_ip": "192.168.102.19", "rank_id": "14"},
-                    {"device_id": "7", "device_ip": "192.168.103.19", "rank_id": "15"},
+                    {"device_id": "0", "device_ip": "192.168.100.10", "rank_id": "8"},
+                    {"device_id": "1", "device_ip": "192.168.101.10", "rank_id": "9"},
+                    {"device_id": "2", "device_ip": "192.168.102.10", "rank_id": "10"},
+                    {"device_id": "3", "device_ip": "192.168.103.10", "rank_id": "11"},
+                    {"device_id": "4", "device_ip": "192.168.100.20", "rank_id": "12"},
+                    {"device_id": "5", "device_ip": "192.168.101.20", "rank_id": "13"},
+                    {"device_id": "6", "device_ip": "192.168.102.20", "rank_id": "14"},
+                    {"device_id": "7", "device_ip": "192.168.103.20", "rank_id": "15"},
                 ],
                 "host_nic_ip": "reserve",
             },
         ],
         "status": "completed",
     }
+    # The table MindCluster would write for these two servers (.9 before .10) is valid as it is.
+    assert validate(table) == []
 
 
 def test_merged_4x16():
@@ -96,13 +99,13 @@ def test_merged_4x16():
         for n, s in enumerate(servers)
     ])
     assert table["server_count"] == "4"
-    # String order: "10.1.0.100" < "10.1.0.11" < "10.1.0.8" < "10.1.0.9".
-    assert [s["server_id"] for s in table["server_list"]] == ["10.1.0.100", "10.1.0.11", "10.1.0.8", "10.1.0.9"]
+    # The given order, as merge_hccl.py keeps it.
+    assert [s["server_id"] for s in table["server_list"]] == ["10.1.0.8", "10.1.0.100", "10.1.0.9", "10.1.0.11"]
     second = table["server_list"][1]
-    assert second["device"][0] == {"device_id": "0", "device_ip": "172.16.3.0", "rank_id": "16"}
-    assert second["device"][15] == {"device_id": "15", "device_ip": "172.16.3.15", "rank_id": "31"}
+    assert second["device"][0] == {"device_id": "0", "device_ip": "172.16.1.0", "rank_id": "16"}
+    assert second["device"][15] == {"device_id": "15", "device_ip": "172.16.1.15", "rank_id": "31"}
     last = table["server_list"][3]["device"][15]
-    assert last == {"device_id": "15", "device_ip": "172.16.2.15", "rank_id": "63"}
+    assert last == {"device_id": "15", "device_ip": "172.16.3.15", "rank_id": "63"}
     assert validate(table) == []
 
 
@@ -140,8 +143,8 @@ def test_validate_reports_every_problem_with_its_path():
 # --- v1.2 (Atlas A3 super pods) ---------------------------------------------------------------
 
 A3_SERVERS = [
-    # Given out of order. Pod "0" holds 10.0.0.9 and 10.0.0.11, pod "1" holds 10.0.0.10: pods come
-    # first, so 10.0.0.10 is last although it is first in the string order of server_id.
+    # Pod "1" holds 10.0.0.10, pod "0" holds 10.0.0.9 and 10.0.0.11. The servers of a pod are listed
+    # together, at the place of the pod's first server: pod "1" first, then 10.0.0.9 and 10.0.0.11.
     ServerDevices("10.0.0.10", (0, 1), ("192.168.3.1", "192.168.3.2"), ("0", "1"), "1"),
     ServerDevices("10.0.0.9", (0, 1), ("192.168.2.1", "192.168.2.2"), ("2", "3"), "0"),
     ServerDevices("10.0.0.11", (0, 1), ("192.168.1.1", "192.168.1.2"), ("0", "1"), "0"),
@@ -153,22 +156,22 @@ def test_merged_v12_groups_super_pods():
         "version": "1.2",
         "server_count": "3",
         "server_list": [
-            {"server_id": "10.0.0.11", "device": [
-                {"device_id": "0", "super_device_id": "0", "device_ip": "192.168.1.1", "rank_id": "0"},
-                {"device_id": "1", "super_device_id": "1", "device_ip": "192.168.1.2", "rank_id": "1"},
+            {"server_id": "10.0.0.10", "device": [
+                {"device_id": "0", "super_device_id": "0", "device_ip": "192.168.3.1", "rank_id": "0"},
+                {"device_id": "1", "super_device_id": "1", "device_ip": "192.168.3.2", "rank_id": "1"},
             ]},
             {"server_id": "10.0.0.9", "device": [
                 {"device_id": "0", "super_device_id": "2", "device_ip": "192.168.2.1", "rank_id": "2"},
                 {"device_id": "1", "super_device_id": "3", "device_ip": "192.168.2.2", "rank_id": "3"},
             ]},
-            {"server_id": "10.0.0.10", "device": [
-                {"device_id": "0", "super_device_id": "0", "device_ip": "192.168.3.1", "rank_id": "4"},
-                {"device_id": "1", "super_device_id": "1", "device_ip": "192.168.3.2", "rank_id": "5"},
+            {"server_id": "10.0.0.11", "device": [
+                {"device_id": "0", "super_device_id": "0", "device_ip": "192.168.1.1", "rank_id": "4"},
+                {"device_id": "1", "super_device_id": "1", "device_ip": "192.168.1.2", "rank_id": "5"},
             ]},
         ],
         "super_pod_list": [
-            {"super_pod_id": "0", "server_list": [{"server_id": "10.0.0.11"}, {"server_id": "10.0.0.9"}]},
             {"super_pod_id": "1", "server_list": [{"server_id": "10.0.0.10"}]},
+            {"super_pod_id": "0", "server_list": [{"server_id": "10.0.0.9"}, {"server_id": "10.0.0.11"}]},
         ],
         "status": "completed",
     }
@@ -202,10 +205,11 @@ def test_v12_golden_folder_has_no_stale_files():
     assert sorted(p.stem for p in GOLDEN_V12.glob("*.json")) == v12_golden_cases()
 
 
-def test_v12_golden_orders_pods_then_server_id():
+def test_v12_golden_groups_pods_in_the_inventory_order():
     table = json.loads((GOLDEN_V12 / "a3-2pods-4x16.json").read_text())
-    assert [s["server_id"] for s in table["server_list"]] == ["10.0.0.10", "10.0.0.9", "10.0.1.10", "10.0.1.9"]
-    assert [p["super_pod_id"] for p in table["super_pod_list"]] == ["0", "1"]
+    # Inventory order 10.0.1.9 (pod 1), 10.0.0.9 (pod 0), 10.0.1.10 (pod 1), 10.0.0.10 (pod 0).
+    assert [s["server_id"] for s in table["server_list"]] == ["10.0.1.9", "10.0.1.10", "10.0.0.9", "10.0.0.10"]
+    assert [p["super_pod_id"] for p in table["super_pod_list"]] == ["1", "0"]
     assert table["server_list"][2]["device"][0]["rank_id"] == "32"
 
 
@@ -292,8 +296,8 @@ V10_CASES = {
     "server not an object": (set_at("server_list.1", "10.0.0.9"),
                              ["server_list[1]: must be an object with server_id and device"]),
     "server_id missing": (delete("server_list.1.server_id"), ["server_list[1].server_id: missing"]),
-    "server_id twice": (set_at("server_list.1.server_id", "10.0.0.10"),
-                        ["server_list[1].server_id: '10.0.0.10' is also the server_id of server_list[0]"]),
+    "server_id twice": (set_at("server_list.1.server_id", "10.0.0.9"),
+                        ["server_list[1].server_id: '10.0.0.9' is also the server_id of server_list[0]"]),
     "device not a list": (set_at("server_list.0.device", None), [
         "server_list[0].device: must be a list of devices", "rank_id: must be 0..1, each once; missing 0, 1"]),
     "device not an object": (set_at("server_list.0.device.0", "0"), [
@@ -309,8 +313,8 @@ V10_CASES = {
                             ["server_list[0].device[1].device_ip: '192.168.1.300' is not an IP address"]),
     "device_ip missing": (delete("server_list.0.device.0.device_ip"),
                           ["server_list[0].device[0].device_ip: missing"]),
-    "device_ip twice": (set_at("server_list.1.device.1.device_ip", "192.168.1.1"), [
-        "server_list[1].device[1].device_ip: 192.168.1.1 is also the IP of server_list[0].device[0]"]),
+    "device_ip twice": (set_at("server_list.1.device.1.device_ip", "192.168.2.1"), [
+        "server_list[1].device[1].device_ip: 192.168.2.1 is also the IP of server_list[0].device[0]"]),
     "rank_id not a number": (set_at("server_list.1.device.1.rank_id", "x"), [
         "server_list[1].device[1].rank_id: 'x' is not a number", "rank_id: must be 0..3, each once; missing 3"]),
     "rank_id twice": (set_at("server_list.1.device.0.rank_id", "0"), [
@@ -320,10 +324,20 @@ V10_CASES = {
         both(set_at("server_list.0.device.1.rank_id", "2"), set_at("server_list.1.device.0.rank_id", "1")), [
             "server_list[0]: its rank_ids must be 0-1, the next block after the servers listed before it",
             "server_list[1]: its rank_ids must be 2-3, the next block after the servers listed before it"]),
-    "servers not in string order": (lambda t: servers_reordered(t, [1, 0]), [
-        "server_list[1].server_id: '10.0.0.10' comes before '10.0.0.9' in string order; "
-        "MindSpore numbers ranks in the string order of server_id"]),
+    "servers swapped without renumbering": (lambda t: t.update(server_list=t["server_list"][::-1]), [
+        "server_list[0]: its rank_ids must be 0-1, the next block after the servers listed before it",
+        "server_list[1]: its rank_ids must be 2-3, the next block after the servers listed before it"]),
 }
+
+
+def test_any_server_order_is_valid_when_ranks_follow_it():
+    # No anchor requires an order of server_id: merge_hccl.py (mindformers r1.0) keeps its arguments'
+    # order, and ascend-operator (Ascend/mind-cluster component/ascend-operator/pkg/ranktable) lists pods
+    # by rank index. Each order is valid once rank_id counts up through it.
+    for order in ([0, 1], [1, 0]):
+        table = copy.deepcopy(V10)
+        servers_reordered(table, order)
+        assert validate(table) == []
 
 
 @pytest.mark.parametrize("case", V10_CASES)

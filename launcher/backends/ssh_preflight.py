@@ -69,8 +69,10 @@ async def preflight(run: SshRun) -> None:
             raise
         if run.plan.device == "ascend":
             devices = [run.plan.ranks[r].device for r in state.step.ranks]
+            # nodectl read the MindSpore version of the job's python; judge() reports it missing.
             report["ascend"] = await asyncio.to_thread(
-                ascend.preflight, devices, len(run.nodes) > 1, runner(run, state))
+                ascend.preflight, devices, len(run.nodes) > 1, runner(run, state),
+                mindspore=report["mindspore"], python=None)
         if report["stale"] and run.kill_stale:
             left = (await run.nodectl(state, "kill-job", run.plan.job_name, timeout=STOP_GRACE + 30))["left"]
             report["stale"] = [{"pid": pid, "cmd": "still alive after --kill-stale"} for pid in left]

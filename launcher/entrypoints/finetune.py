@@ -7,8 +7,12 @@ Environment it reads:
   RANK_ID          global rank (set by msrun or by the rank-table script)
   MS_ROLE          MS_SCHED for MindSpore's dynamic-cluster scheduler, which only coordinates
   LAUNCHER_FAULT   "RANK:STEP" makes that rank fail at that step: a drill for teardown paths
+  LAUNCHER_MODEL_MODULES  "DIR:mod,mod": a research model's folder and the modules that register its
+                   classes (MindFormers only registers them when they are imported)
 """
 
+import importlib
+import inspect
 import os
 import sys
 import traceback
@@ -50,6 +54,28 @@ def _use_cpu_barrier():
     load_checkpoint_utils.barrier = no_barrier
 
 
+def register_model_modules(spec):
+    """Import the modules that register a research model's classes, from the folder the job names."""
+    if not spec:
+        return
+    folder, _, names = spec.partition(":")
+    if not os.path.isdir(folder):
+        raise SystemExit("launcher: the model's MindFormers research folder %s does not exist; check "
+                         "mindformers.source (a MindFormers source checkout of the release the ranks run)" % folder)
+    sys.path.insert(0, folder)
+    for name in names.split(","):
+        importlib.import_module(name)
+
+
+def _finetune(trainer, checkpoint):
+    """finetune() without an argument clears load_checkpoint; passing it loads those weights. MindFormers
+    1.0-1.1 name the argument finetune_checkpoint, later releases resume_from_checkpoint (which with
+    resume_training off, the rendered config's default, takes only the weights, not the step)."""
+    parameters = inspect.signature(trainer.finetune).parameters
+    key = "resume_from_checkpoint" if "resume_from_checkpoint" in parameters else "finetune_checkpoint"
+    trainer.finetune(**{key: checkpoint or None})
+
+
 def _fault_callbacks(rank):
     spec = os.environ.get("LAUNCHER_FAULT", "")
     if not spec:
@@ -72,6 +98,7 @@ def main(config_path):
     from mindformers import Trainer, build_context
     from mindformers.tools.register import MindFormerConfig
 
+    register_model_modules(os.environ.get("LAUNCHER_MODEL_MODULES", ""))
     config = MindFormerConfig(config_path)
     if str(config.context.device_target).upper() == "CPU":
         _use_cpu_overflow_check()
@@ -84,9 +111,7 @@ def main(config_path):
         train_dataset=config.train_dataset.data_loader.dataset_dir,
         callbacks=_fault_callbacks(rank),
     )
-    # finetune() without an argument clears load_checkpoint; passing it loads those weights. With
-    # resume_training off (the rendered config's default) only the weights are taken, not the step.
-    trainer.finetune(resume_from_checkpoint=config.load_checkpoint or None)
+    _finetune(trainer, config.load_checkpoint)
 
 
 if __name__ == "__main__":
