@@ -5,6 +5,7 @@ The chart covers per-rank pods (`kind: pods`); the other layouts are rendered as
 
 from __future__ import annotations
 
+from launcher import k8s_ascend
 from launcher import k8s_manifests as km
 from launcher.spec import Job
 
@@ -24,10 +25,11 @@ def values(job: Job, pod_files: dict[str, str], slots) -> dict:
         "namespace": k8s.namespace,
         "runId": job.name,  # placeholders, as in the manifests: the backend sets both
         "ownerUid": km.OWNER_UID,
-        "image": f"{job.image.name}:{job.image.tag}",
+        "image": job.image.reference,
         "ascend": cluster.device == "ascend",
         "resourceName": k8s.resource_name,
-        "volcano": k8s.scheduler == "volcano",
+        "volcano": k8s_ascend.uses_volcano(job),
+        "visibleDevices": k8s_ascend.wants_visible_devices(job, npus=1),
         "queue": k8s.queue,
         "dynamicCluster": km.dynamic_cluster(job),
         "schedHost": km.service_host(job),
@@ -37,7 +39,7 @@ def values(job: Job, pod_files: dict[str, str], slots) -> dict:
         "rankTable": ranktable,
         "rankTableFile": f"{km.PLAN_MOUNT}/ranktable/hccl.json" if "ranktable/hccl.json" in pod_files else "",
         "hostNetwork": k8s.host_network,
-        "nodeSelector": dict(k8s.node_selector),
+        "nodeSelector": k8s_ascend.node_selector(job),
         "tolerations": [dict(t) for t in k8s.tolerations],
         "antiAffinity": k8s.anti_affinity,
         "imagePullSecrets": list(k8s.image_pull_secrets),

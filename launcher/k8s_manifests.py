@@ -10,6 +10,7 @@ Secrets (image pull secrets, storage keys) are referenced by name only; nothing 
 
 from __future__ import annotations
 
+from launcher import k8s_ascend
 from launcher.spec import Job
 
 PLAN_MOUNT = "/launcher/plan"  # the ConfigMap, with the plan's files at their relative paths
@@ -21,10 +22,6 @@ SCHEDULER_LOG = "output/rank_log/scheduler.log"
 # Ascend Operator's default port of the Scheduler service ("ascendjob-port", 2222), see
 # hiascend.com MindCluster docs "Ascend Operator environment variables" (MS_SCHED_PORT).
 ACJOB_PORT = 2222
-# Labels of an AscendJob and its pod templates: `framework` and `ring-controller.atlas` (chip family;
-# "ascend-910b" for Atlas A2, "ascend-910" for Atlas 800). Source: Ascend/mindcluster-deploy,
-# samples/train/basic-training/without-ranktable/mindspore/mindspore_multinodes_acjob_910b.yaml.
-RING_CONTROLLER = "ascend-910b"
 _ASCEND_HOST_FILES = (
     ("ascend-driver", "/usr/local/Ascend/driver", "Directory"),
     ("npu-smi", "/usr/local/bin/npu-smi", "File"),
@@ -45,7 +42,12 @@ def service_host(job: Job) -> str:
 def manifests(job: Job, plan_files: dict[str, str], slots, steps) -> dict[str, dict]:
     """Artifact path -> object. `plan_files` are the plan files the pods read (they go in the ConfigMap)."""
     k8s = job.cluster.k8s
+    if k8s_ascend.cluster_rank_table(job):  # the pods read MindCluster's table, not the plan's
+        plan_files = {path: text for path, text in plan_files.items() if not path.startswith("ranktable/")}
     objects = {"k8s/00-configmap.yaml": _configmap(job, plan_files)}
+    if k8s_ascend.cluster_rank_table(job):
+        objects["k8s/00-rings-config.yaml"] = k8s_ascend.rings_configmap(
+            job, _metadata(job, k8s_ascend.rings_config_name(job)))
     if dynamic_cluster(job):
         objects["k8s/01-service.yaml"] = _service(job)
     if k8s.kind == "ascend-job":
@@ -55,7 +57,7 @@ def manifests(job: Job, plan_files: dict[str, str], slots, steps) -> dict[str, d
     if k8s.kind == "volcano-job":
         objects["k8s/volcano-job.yaml"] = _volcano_job(job, pods)
         return objects
-    if k8s.scheduler == "volcano":
+    if k8s_ascend.uses_volcano(job):
         objects["k8s/02-podgroup.yaml"] = _podgroup(job, len(pods))
     for name, pod in pods.items():
         objects[f"k8s/{name.removeprefix(job.name + '-')}.yaml"] = pod
@@ -140,9 +142,11 @@ def _container(job: Job, name: str, command: list[str], env: list[dict], npus: i
     if job.cluster.k8s.host_network:
         # HCCL's host NIC: the node's address, which the pod shares with host networking.
         env = [*env, _field_env("HCCL_IF_IP", "status.hostIP")]
+    if k8s_ascend.wants_visible_devices(job, npus):
+        env = [*env, k8s_ascend.visible_devices_env(job)]
     container = {
         "name": name,
-        "image": f"{job.image.name}:{job.image.tag}",
+        "image": job.image.reference,
         "command": command,
         "workingDir": WORK_DIR,
         "env": env,
@@ -158,6 +162,8 @@ def _container(job: Job, name: str, command: list[str], env: list[dict], npus: i
         container["volumeMounts"] += [
             {"name": vol, "mountPath": path, "readOnly": True} for vol, path, _ in _ASCEND_HOST_FILES
         ]
+    if k8s_ascend.cluster_rank_table(job) and npus:
+        container["volumeMounts"].append(k8s_ascend.rank_table_mount())
     if ascend and npus:
         amount = {job.cluster.k8s.resource_name: str(npus)}
         container["resources"] = {"requests": amount, "limits": dict(amount)}
@@ -190,6 +196,8 @@ def _volumes(job: Job, plan_files: dict[str, str], own_script: str | None) -> li
         volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": job.cluster.k8s.output_pvc}})
     if job.cluster.device == "ascend":
         volumes += [{"name": vol, "hostPath": {"path": path, "type": kind}} for vol, path, kind in _ASCEND_HOST_FILES]
+    if k8s_ascend.cluster_rank_table(job):
+        volumes.append(k8s_ascend.rank_table_volume(job))
     return volumes
 
 
@@ -205,8 +213,9 @@ def _pod_spec(job: Job, plan_files: dict[str, str], containers: list[dict], volc
         # Host networking would otherwise resolve with the node's DNS, which cannot see the Service.
         spec["hostNetwork"] = True
         spec["dnsPolicy"] = "ClusterFirstWithHostNet"
-    if k8s.node_selector:
-        spec["nodeSelector"] = dict(k8s.node_selector)
+    selector = k8s_ascend.node_selector(job)
+    if selector:
+        spec["nodeSelector"] = selector
     if k8s.tolerations:
         spec["tolerations"] = [dict(t) for t in k8s.tolerations]
     if k8s.anti_affinity:
@@ -231,7 +240,9 @@ def _pod(job: Job, name: str, spec: dict, scheduler: bool, **labels: str) -> dic
     meta = _metadata(job, name, **labels)
     if scheduler:
         meta["labels"]["launcher/scheduler"] = "true"
-    if job.cluster.k8s.scheduler == "volcano" and job.cluster.k8s.kind == "pods":
+    if k8s_ascend.cluster_rank_table(job):
+        meta["labels"][k8s_ascend.RING_CONTROLLER_LABEL] = job.cluster.k8s.ring_controller
+    if k8s_ascend.uses_volcano(job) and job.cluster.k8s.kind == "pods":
         meta["annotations"] = {"scheduling.k8s.io/group-name": job.name}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
@@ -247,7 +258,7 @@ def _rank_pods(job: Job, plan_files: dict[str, str], slots) -> dict[str, dict]:
     """
     cluster = job.cluster
     world = len(slots)
-    volcano = cluster.k8s.scheduler == "volcano" or cluster.k8s.kind == "volcano-job"
+    volcano = k8s_ascend.uses_volcano(job)
     script = f"{PLAN_MOUNT}/{RANK_SCRIPT}"
     dynamic = dynamic_cluster(job)
     sched_env = [
@@ -268,7 +279,9 @@ def _rank_pods(job: Job, plan_files: dict[str, str], slots) -> dict[str, dict]:
             if cluster.device == "ascend" and cluster.launch == "msrun":
                 # The pod sees only its own NPU, as device 0; otherwise MindSpore would pick the local rank.
                 env.append(_env("DEVICE_ID", 0))
-        if cluster.launch == "ranktable":
+        if k8s_ascend.cluster_rank_table(job):
+            env += k8s_ascend.rank_table_env()  # the rank and device come from the table the pod gets
+        elif cluster.launch == "ranktable":
             if "ranktable/hccl.json" in plan_files:
                 env.append(_env("RANK_TABLE_FILE", f"{PLAN_MOUNT}/ranktable/hccl.json"))
             env += [_env("RANK_ID", slot.rank), _env("DEVICE_ID", slot.device), _env("RANK_SIZE", world)]
@@ -287,7 +300,7 @@ def _node_pods(job: Job, plan_files: dict[str, str], steps) -> dict[str, dict]:
     """One pod per node with all its NPUs, running the node's launch script. msrun (or the rank-table
     script) sets every process's MS_*/RANK_* variables itself; msrun on node_rank 0 starts the scheduler,
     so that pod is the one behind the Service."""
-    volcano = job.cluster.k8s.scheduler == "volcano" or job.cluster.k8s.kind == "volcano-job"
+    volcano = k8s_ascend.uses_volcano(job)
     pods = {}
     for step in steps:
         command = ["bash", f"{PLAN_MOUNT}/{step.script}"]
@@ -312,10 +325,13 @@ def _volcano_job(job: Job, pods: dict[str, dict]) -> dict:
             "replicas": 1,
             "template": {"metadata": {"labels": labels}, "spec": pod["spec"]},
         })
+    meta = _metadata(job, job.name)
+    if k8s_ascend.cluster_rank_table(job):  # asks Ascend Operator for the job's rank table
+        meta["labels"][k8s_ascend.RING_CONTROLLER_LABEL] = job.cluster.k8s.ring_controller
     return {
         "apiVersion": "batch.volcano.sh/v1alpha1",
         "kind": "Job",
-        "metadata": _metadata(job, job.name),
+        "metadata": meta,
         "spec": {
             "schedulerName": "volcano",
             "queue": job.cluster.k8s.queue,
@@ -332,10 +348,11 @@ def _ascend_job(job: Job, plan_files: dict[str, str], steps) -> dict:
     process, no NPU) and one `Worker` replica per node. Ascend Operator creates the Service and gives every
     pod MS_SCHED_HOST, MS_SCHED_PORT, MS_ROLE, MS_WORKER_NUM, MS_LOCAL_WORKER and MS_NODE_RANK.
     Sources: hiascend.com MindCluster "Ascend Job" API page and "Ascend Operator environment variables";
-    Ascend/mindcluster-deploy mindspore_multinodes_acjob_910b.yaml (container name `ascend`,
-    port name `ascendjob-port`, labels framework / ring-controller.atlas)."""
+    Ascend/mindxdl-deploy samples/train/basic-training/without-ranktable/mindspore/
+    mindspore_multinodes_acjob_910b.yaml (container name `ascend`, port name `ascendjob-port`, labels
+    framework / ring-controller.atlas, nodeSelector on both replicas, anti-affinity among Workers only)."""
     k8s = job.cluster.k8s
-    volcano = k8s.scheduler == "volcano"
+    ring = {k8s_ascend.RING_CONTROLLER_LABEL: k8s.ring_controller}
     port = {"name": "ascendjob-port", "containerPort": ACJOB_PORT}
     npus = len(steps[0].ranks)
     sched = _container(job, "ascend", ["bash", f"{PLAN_MOUNT}/{RANK_SCRIPT}", SCHEDULER_LOG], [], 0, [port])
@@ -344,20 +361,20 @@ def _ascend_job(job: Job, plan_files: dict[str, str], steps) -> dict:
     def replica(count: int, container: dict) -> dict:
         spec = _pod_spec(job, plan_files, [container], volcano=False)
         del spec["restartPolicy"]  # given per replica type
-        if count == 1 and container is sched:
-            spec.pop("affinity", None)  # anti-affinity spreads the NPU workers; the scheduler may share a host
+        if "affinity" in spec and container is worker:
+            # Required anti-affinity is symmetric: matching only Workers lets the Scheduler share a host.
+            spec["affinity"] = k8s_ascend.worker_anti_affinity(job)
+        elif "affinity" in spec:
+            del spec["affinity"]
         return {
             "replicas": count,
             "restartPolicy": "Never",
-            "template": {
-                "metadata": {"labels": _labels(job, **{"ring-controller.atlas": RING_CONTROLLER})},
-                "spec": spec,
-            },
+            "template": {"metadata": {"labels": _labels(job, **ring)}, "spec": spec},
         }
 
-    meta = _metadata(job, job.name, framework="mindspore", **{"ring-controller.atlas": RING_CONTROLLER})
+    meta = _metadata(job, job.name, framework="mindspore", **ring)
     spec: dict = {}
-    if volcano:
+    if k8s_ascend.uses_volcano(job):
         spec["schedulerName"] = "volcano"
         spec["runPolicy"] = {"schedulingPolicy": {"minAvailable": len(steps) + 1, "queue": k8s.queue}}
     spec["successPolicy"] = "AllWorkers"

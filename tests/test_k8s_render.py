@@ -19,13 +19,22 @@ K8S_EXAMPLES = [
     "qwen1_5-7b-full-2x8-k8s-vcjob.yaml",
     "qwen1_5-7b-full-2x8-ascendjob.yaml",
     "tiny-lora-k8s.yaml",
+    "ranktable-vcjob",
 ]
 VERSIONS = ["1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 CORE_KINDS = {("v1", "ConfigMap"), ("v1", "Service"), ("v1", "Pod")}
 
 
+def k8s_job(example: str):
+    if example == "ranktable-vcjob":  # rank-table mode, with MindCluster's rank table
+        data = yaml.safe_load((EXAMPLES / "llama2-7b-lora-1x8-ranktable.yaml").read_text())
+        data["cluster"].update(backend="k8s", k8s={"kind": "volcano-job", "host_arch": "huawei-x86"})
+        return parse_job(data)
+    return load_job(EXAMPLES / example)
+
+
 def objects(example: str) -> dict[str, dict]:
-    plan = build_plan(load_job(EXAMPLES / example))
+    plan = build_plan(k8s_job(example))
     return {p: yaml.safe_load(t) for p, t in plan.artifacts.items() if p.startswith("k8s/") and p.endswith(".yaml")}
 
 
@@ -86,8 +95,8 @@ def test_volcano_job_has_what_volcano_requires():
 
 
 def test_ascend_job_has_what_ascend_operator_requires():
-    # MindCluster "Ascend Job" API page and the MindSpore acjob samples of Ascend/mindcluster-deploy:
-    # label framework=mindspore and ring-controller.atlas on the job and its pod templates, replica
+    # MindCluster "Ascend Job" API page and Ascend/mindxdl-deploy samples/train/basic-training/
+    # without-ranktable/mindspore/mindspore_multinodes_acjob_910b.yaml @7803c2b: label framework=mindspore and ring-controller.atlas on the job and its pod templates, replica
     # types Scheduler (1) and Worker, container named "ascend", port named "ascendjob-port".
     job = objects("qwen1_5-7b-full-2x8-ascendjob.yaml")["k8s/ascend-job.yaml"]
     assert (job["apiVersion"], job["kind"]) == ("mindxdl.gitee.com/v1", "AscendJob")
@@ -166,15 +175,14 @@ def test_every_object_is_labelled_and_owned_by_the_configmap():
 
 
 def test_per_node_rank_table_pods_use_the_node_scripts():
-    data = yaml.safe_load((EXAMPLES / "qwen1_5-7b-full-2x8-ranktable.yaml").read_text())
-    data["cluster"].update(backend="k8s", k8s={"pods": "per-node", "resource_name": "huawei.com/Ascend310P"})
+    data = yaml.safe_load((EXAMPLES / "tiny-lora-k8s.yaml").read_text())
+    data["cluster"].update(launch="ranktable", k8s={"pods": "per-node"})
     plan = build_plan(parse_job(data))
     pods = [yaml.safe_load(t) for p, t in plan.artifacts.items() if p.startswith("k8s/node-")]
-    assert len(pods) == 2 and "k8s/01-service.yaml" not in plan.artifacts
-    for pod in pods:
-        container = pod["spec"]["containers"][0]
-        assert container["command"][1].startswith(f"{PLAN_MOUNT}/nodes/node-")
-        assert container["resources"]["limits"] == {"huawei.com/Ascend310P": "8"}
+    assert len(pods) == 1
+    container = pods[0]["spec"]["containers"][0]
+    assert container["command"] == ["bash", f"{PLAN_MOUNT}/nodes/node-0/launch.sh"]
+    assert "resources" not in container
 
 
 @pytest.mark.parametrize(
@@ -187,7 +195,7 @@ def test_per_node_rank_table_pods_use_the_node_scripts():
         ({"tolerations": [{"key": "a", "operator": "In"}]}, "operator must be Equal or Exists"),
         ({"kind": "ascend-job"}, "cluster.k8s.kind: an AscendJob runs one Worker pod per node"),
         ({"anti_affinity": True}, "cluster.k8s.anti_affinity"),
-        ({"queue": "q1"}, "cluster.k8s.queue: a queue only applies with scheduler: volcano"),
+        ({"queue": "q1", "scheduler": "default"}, "cluster.k8s.queue: a queue only applies with scheduler: volcano"),
         ({"nodeSelector": {}}, "did you mean 'node_selector'"),
     ],
 )
@@ -211,9 +219,9 @@ HELM_EXAMPLES = ["llama2-7b-lora-1x8-k8s.yaml", "tiny-lora-k8s.yaml", "volcano-p
 
 
 def helm_job(example: str):
-    if example == "volcano-per-rank":  # the chart's Volcano and rank-table branches
-        data = yaml.safe_load((EXAMPLES / "llama2-7b-lora-1x8-ranktable.yaml").read_text())
-        data["cluster"].update(backend="k8s", k8s={"scheduler": "volcano", "queue": "q1", "service_account": "sa"})
+    if example == "volcano-per-rank":  # the chart's rank-table branch, and Volcano for CPU pods
+        data = yaml.safe_load((EXAMPLES / "tiny-lora-k8s.yaml").read_text())
+        data["cluster"].update(launch="ranktable", k8s={"scheduler": "volcano", "queue": "q1", "service_account": "sa"})
         return parse_job(data)
     return load_job(EXAMPLES / example)
 
