@@ -11,7 +11,7 @@ import yaml
 
 from launcher.errors import ConfigError
 from launcher.render import data_dir
-from launcher.models import release_line
+from launcher.models import TARGET_RELEASE, release_line
 from launcher.spec import Job, mindformers_release
 
 # Where MindFormers writes, relative to each node's work directory.
@@ -74,9 +74,9 @@ def build(job: Job) -> dict:
         }
     else:
         model_config.pop("pet_config", None)
-    _name_callbacks_for(cfg, mindformers_release(job)[0])
     for dotted, value in job.mindformers.overrides.items():
         apply_override(cfg, dotted, value)
+    fit_to_release(cfg, mindformers_release(job)[0] or TARGET_RELEASE)
     if job.mindformers.overrides and "train_dataset_task" in cfg:
         cfg["train_dataset_task"]["dataset_config"] = copy.deepcopy(cfg["train_dataset"])
     return cfg
@@ -87,14 +87,24 @@ def build(job: Job) -> dict:
 _CHECKPOINT_CALLBACKS = ("CheckpointMointor", "CheckpointMonitor")
 
 
-def _name_callbacks_for(cfg: dict, version: str | None) -> None:
-    """Spell the checkpoint callback as the ranks' MindFormers registers it, when the release is known."""
-    if version is None:
-        return
-    name = _CHECKPOINT_CALLBACKS[release_line(version) >= (1, 2)]
+def fit_to_release(cfg: dict, version: str) -> None:
+    """Spell what MindFormers renamed between releases the way the ranks' release registers it."""
+    line = release_line(version)
+    name = _CHECKPOINT_CALLBACKS[line >= (1, 2)]
     for callback in cfg.get("callbacks") or []:
         if isinstance(callback, dict) and callback.get("type") in _CHECKPOINT_CALLBACKS:
             callback["type"] = name
+    optimizer = cfg.get("optimizer")
+    if line >= (1, 6) and isinstance(optimizer, dict) and optimizer.get("type") == "FP32StateAdamWeightDecay":
+        # FP32StateAdamWeightDecay (mindformers/core/optim/optim.py up to v1.5.0) is gone from v1.6.0 on;
+        # AdamW (mindformers/core/optim/adamw.py, r1.8.0: betas, eps, weight_decay) keeps its moments in
+        # float32 the same way.
+        optimizer["type"] = "AdamW"
+        optimizer["betas"] = [optimizer.pop("beta1", 0.9), optimizer.pop("beta2", 0.999)]
+    elif line < (1, 2) and isinstance(optimizer, dict) and optimizer.get("type") == "AdamW":
+        # AdamW first appears in v1.2.0; 1.0 and 1.1 have FP32StateAdamWeightDecay (beta1, beta2).
+        optimizer["type"] = "FP32StateAdamWeightDecay"
+        optimizer["beta1"], optimizer["beta2"] = optimizer.pop("betas", [0.9, 0.999])
 
 
 def parallel_settings(job: Job) -> dict:

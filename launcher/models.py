@@ -22,6 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The MindFormers release the shipped 1.8 configs are written for and the launcher installs: assumed for
+# a job that does not say which release its ranks run.
+TARGET_RELEASE = "1.8.0"
+
 # MindFormers' scripts/msrun_launcher.sh first ships in v1.1.0 (MindSpore 2.3, which brought msrun);
 # 1.0.x starts ranks from a rank table (scripts/run_distribute.sh, research/run_singlenode.sh).
 MSRUN_FROM = "1.1"

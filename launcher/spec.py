@@ -426,8 +426,9 @@ def check_job(job: Job) -> None:
                 f"{len(node.device_ips)} device_ips for {len(node.devices)} devices; give one per device, in order",
             )
         if cluster.device == "ascend" and cluster.launch == "ranktable":
-            # Over SSH the launcher reads missing device IPs from the nodes before it plans.
-            if node.device_ips is None and cluster.backend != "ssh":
+            # Over SSH the launcher reads missing device IPs from the nodes before it plans; on Kubernetes
+            # MindCluster writes the table from the NPUs the device plugin gave each pod.
+            if node.device_ips is None and cluster.backend == "local":
                 raise _FieldProblem(
                     f"{where}.device_ips",
                     "launch: ranktable on Ascend needs the device IPs of every device "

@@ -111,6 +111,17 @@ def test_local_run_is_checked_against_the_installed_mindformers(tmp_path, monkey
         check_local_host(job)
 
 
+def test_optimizer_is_spelled_for_the_release():
+    # mindformers/core/optim: FP32StateAdamWeightDecay (beta1, beta2) up to v1.5.0, AdamW (betas) from v1.2.0.
+    data = load("llama2-7b-lora-1x8-ranktable.yaml")
+    assert run_yaml(data)["optimizer"]["type"] == "AdamW"
+    data["mindformers"]["version"] = "1.0.2"
+    data["cluster"]["launch"] = "ranktable"
+    optimizer = run_yaml(data)["optimizer"]
+    assert (optimizer["type"], optimizer["beta1"], optimizer["beta2"]) == ("FP32StateAdamWeightDecay", 0.9, 0.999)
+    assert "betas" not in optimizer
+
+
 # --- 2. Path variables are added to, never replaced ------------------------------------------------
 
 def test_env_pythonpath_keeps_what_cann_put_there(tmp_path):

@@ -29,6 +29,7 @@ CASES = {
     "qwen1_5-7b-full-2x8-k8s-vcjob": "qwen1_5-7b-full-2x8-k8s-vcjob.yaml",
     "qwen1_5-7b-full-2x8-ascendjob": "qwen1_5-7b-full-2x8-ascendjob.yaml",
     "tiny-lora-k8s": "tiny-lora-k8s.yaml",
+    "llama2-7b-lora-alpaca-msrun-autotrans": "llama2-7b-lora-alpaca-msrun-autotrans.yaml",
 }
 
 

@@ -12,5 +12,20 @@ source "${plan_dir}/"env/job.env
 if [ -n "${MS_NODE_ID:-}" ] && [ -z "${RANK_ID:-}" ]; then
   export RANK_ID="${MS_NODE_ID}"
 fi
+if [ -n "${MS_SCHED_HOST:-}" ]; then
+  # MindSpore resolves the scheduler's name once and exits when it does not resolve yet (msrun's
+  # _convert_addr_to_ip in mindspore/parallel/cluster/process_entity/_utils.py), and a headless Service
+  # has no record until the scheduler's pod has an address: wait for the name first.
+  sched_host="${MS_SCHED_HOST}"
+  dns_deadline=$((SECONDS + 7200))
+  until python3 -c 'import socket, sys; socket.getaddrinfo(sys.argv[1], None)' "${sched_host}" 2>/dev/null; do
+    if [ "${SECONDS}" -ge "${dns_deadline}" ]; then
+      echo "launcher: the scheduler's address ${sched_host} does not resolve after 7200s;" \
+        "check that the job's Service exists and its scheduler pod is running (cluster.cluster_time_out sets the wait)" >&2
+      exit 1
+    fi
+    sleep 2
+  done
+fi
 mkdir -p "$(dirname "${console_log}")" output/launcher
 python "${plan_dir}/"entrypoint/finetune.py "${plan_dir}/"mindformers/run.yaml 2>&1 | tee "${console_log}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# baichuan2-7b-lora: node 0 (910b-node-3) inside swr.cn-south-1.myhuaweicloud.com/ascendhub/mindformers:1.8.0-ms2.7.2-cann8.3, with the node's Ascend devices and driver.
+# baichuan2-7b-lora: node 0 (910b-node-3) inside ascend-mindformers:ms2.2.10-cann7.0.0b1-py3.9-euler2.8.3-910b, with the node's Ascend devices and driver.
 # Run it from the node's work directory; the container sees that directory at the same path.
 set -euo pipefail
 run_dir="$(pwd)"
@@ -18,10 +18,11 @@ exec docker run --rm \
   --volume=/usr/local/Ascend/driver:/usr/local/Ascend/driver:ro \
   --volume=/usr/local/bin/npu-smi:/usr/local/bin/npu-smi:ro \
   --volume=/etc/ascend_install.info:/etc/ascend_install.info:ro \
+  --volume=/usr/local/dcmi:/usr/local/dcmi:ro \
   --volume="${run_dir}:${run_dir}" \
   --workdir="${run_dir}" \
   --env=LAUNCHER_RUN_ID \
   --env=LAUNCHER_JOB \
   --env=LAUNCHER_NODE \
-  swr.cn-south-1.myhuaweicloud.com/ascendhub/mindformers:1.8.0-ms2.7.2-cann8.3 \
+  ascend-mindformers:ms2.2.10-cann7.0.0b1-py3.9-euler2.8.3-910b \
   bash "${here}/"launch.sh

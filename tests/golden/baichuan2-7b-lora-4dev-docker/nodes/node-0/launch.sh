@@ -1,20 +1,73 @@
 #!/usr/bin/env bash
-# baichuan2-7b-lora: node 0 (910b-node-3), msrun node_rank 0, global ranks 0-3 of 4.
-# Run it from the node's work directory: MindFormers writes output/ there.
+# baichuan2-7b-lora: node 0 (910b-node-3), rank-table mode, global ranks 0-3 of 4.
+# One process per rank, like run_singlenode.sh. Run it from the node's work directory.
 set -euo pipefail
 plan_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# MindFormers' launch scripts all raise the process limit (ulimit -u unlimited in scripts/msrun_launcher.sh,
+# scripts/run_distribute.sh, research/run_singlenode.sh): each rank starts many threads.
+# Where the hard limit forbids it, the soft limit goes as high as the hard one.
+if ! ulimit -u unlimited 2>/dev/null; then
+  ulimit -S -u "$(ulimit -H -u)"
+  echo "launcher: the process limit cannot be unlimited here; raised to the hard limit, $(ulimit -u)" >&2
+fi
+# CANN's environment (LD_LIBRARY_PATH, ASCEND_OPP_PATH, te/tbe on PYTHONPATH): a non-login shell or a
+# pod command that replaces the image's ENTRYPOINT has none of it. set_env.sh reads unset variables.
+cann_set_env=/usr/local/Ascend/ascend-toolkit/set_env.sh
+if [ ! -f "${cann_set_env}" ]; then
+  echo "launcher: CANN's set_env.sh is missing at ${cann_set_env}; install the CANN toolkit there or set cluster.ascend_env.toolkit" >&2
+  exit 2
+fi
+set +u
+# shellcheck source=/dev/null
+source "${cann_set_env}"
+if [ -f /usr/local/Ascend/nnal/atb/set_env.sh ]; then
+  # shellcheck source=/dev/null
+  source /usr/local/Ascend/nnal/atb/set_env.sh
+fi
+set -u
 # shellcheck source=/dev/null
 source "${plan_dir}/"env/job.env
-mkdir -p output/msrun_log output/launcher
-# msrun numbers devices 0..n-1 on each node; this maps them onto the devices the job names.
-export ASCEND_RT_VISIBLE_DEVICES=0,1,2,3
-exec msrun \
-  --worker_num=4 \
-  --local_worker_num=4 \
-  --node_rank=0 \
-  --master_addr=910b-node-3 \
-  --master_port=8118 \
-  --log_dir=output/msrun_log \
-  --join=True \
-  --cluster_time_out=600 \
-  "${plan_dir}/"entrypoint/finetune.py "${plan_dir}/"mindformers/run.yaml
+entrypoint="${plan_dir}/"entrypoint/finetune.py
+config="${plan_dir}/"mindformers/run.yaml
+status_dir=output/launcher
+mkdir -p output/rank_log "${status_dir}"
+export RANK_SIZE=4
+
+pids=()
+ranks=()
+RANK_ID=0 DEVICE_ID=0 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_0.log 2>&1 &
+pids+=("$!")
+ranks+=(0)
+RANK_ID=1 DEVICE_ID=1 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_1.log 2>&1 &
+pids+=("$!")
+ranks+=(1)
+RANK_ID=2 DEVICE_ID=2 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_2.log 2>&1 &
+pids+=("$!")
+ranks+=(2)
+RANK_ID=3 DEVICE_ID=3 \
+  python "${entrypoint}" "${config}" >output/rank_log/rank_3.log 2>&1 &
+pids+=("$!")
+ranks+=(3)
+
+# Wait for every rank; the first one that fails stops the others.
+while [ "${#pids[@]}" -gt 0 ]; do
+  for i in "${!pids[@]}"; do
+    if kill -0 "${pids[$i]}" 2>/dev/null; then
+      continue
+    fi
+    rc=0
+    wait "${pids[$i]}" || rc=$?
+    echo "${rc}" >"${status_dir}/rank_${ranks[$i]}.exit"
+    unset "pids[$i]"
+    if [ "${rc}" -ne 0 ]; then
+      echo "rank ${ranks[$i]} exited with code ${rc}; stopping the other ranks" >&2
+      kill "${pids[@]}" 2>/dev/null || true
+      wait || true
+      exit "${rc}"
+    fi
+  done
+  sleep 1
+done

@@ -3,6 +3,13 @@
 # Run it from the node's work directory: MindFormers writes output/ there.
 set -euo pipefail
 plan_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# MindFormers' launch scripts all raise the process limit (ulimit -u unlimited in scripts/msrun_launcher.sh,
+# scripts/run_distribute.sh, research/run_singlenode.sh): each rank starts many threads.
+# Where the hard limit forbids it, the soft limit goes as high as the hard one.
+if ! ulimit -u unlimited 2>/dev/null; then
+  ulimit -S -u "$(ulimit -H -u)"
+  echo "launcher: the process limit cannot be unlimited here; raised to the hard limit, $(ulimit -u)" >&2
+fi
 # shellcheck source=/dev/null
 source "${plan_dir}/"env/job.env
 mkdir -p output/msrun_log output/launcher
@@ -14,5 +21,5 @@ exec msrun \
   --master_port=8118 \
   --log_dir=output/msrun_log \
   --join=True \
-  --cluster_time_out=600 \
+  --cluster_time_out=7200 \
   "${plan_dir}/"entrypoint/finetune.py "${plan_dir}/"mindformers/run.yaml
