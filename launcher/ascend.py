@@ -37,7 +37,7 @@ from launcher import ascend_versions as versions
 from launcher.errors import ConfigError
 from launcher.ranktable import ServerDevices, single_node_table
 from launcher.inputs import read_yaml_file
-from launcher.spec import parse_devices
+from launcher.job_sections import parse_devices
 
 DRIVER_DIR = "/usr/local/Ascend/driver"
 HCCN_CONF = "/etc/hccn.conf"

@@ -23,10 +23,8 @@ import yaml
 
 from launcher.errors import ConfigError, LauncherError
 from launcher.gather import RANKS_DIR, sha256_file
-from launcher.runs import PLAN_DIR
+from launcher.runs import FILTERED_DIR, MERGED_DIR, PLAN_DIR
 
-FILTERED_DIR = "filtered"
-MERGED_DIR = "merged"
 RUN_CONFIG = Path(PLAN_DIR) / "mindformers" / "run.yaml"
 
 # Substrings of training-state keys (optimizer moments, gradient accumulators, loss scale, counters).

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from launcher import ckpt
 from launcher.errors import ConfigError, LauncherError
+from launcher.runs import MERGED_LORA_DIR
 
-MERGED_LORA_DIR = "merged-lora"
 LORA_A = ".mindpet_delta_lora_a"
 LORA_B = ".mindpet_delta_lora_b"
 

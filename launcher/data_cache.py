@@ -17,12 +17,12 @@ import shutil
 from pathlib import Path
 
 from launcher.errors import ConfigError
-from launcher.runs import RUN_DATA_DIR
-from launcher.spec import Data, Job
+from launcher.runs import DATA_RECORD, RUN_DATA_DIR
+from launcher.job_sections import Data
+from launcher.spec import Job
 
 OUTPUT_DIR = "output"  # where each k8s pod mounts the job's claim, relative to its working directory
 
-DATA_RECORD = "data.json"  # in a run directory: what the run trained on (predict reads the tokenizer)
 
 
 def model_seq_length(job: Job) -> int:

@@ -1,4 +1,4 @@
-"""The one error hierarchy. Only cli.py turns these into messages and exit codes."""
+"""The one error hierarchy. Only the command line (launcher/cli/) turns these into messages and exit codes."""
 
 from __future__ import annotations
 

@@ -21,11 +21,10 @@ from pathlib import Path
 from launcher import logparse
 from launcher.errors import BackendError
 from launcher.plan import LaunchPlan
+from launcher.runs import MANIFEST, RANKS_DIR
 
-MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 LOSS_PLOT = "loss.png"
-RANKS_DIR = "ranks"
 _CHUNK = 1 << 20
 
 
@@ -185,3 +184,11 @@ def finish(plan: LaunchPlan, run_dir: Path, record) -> dict:
         "run_id": record.run_id, "job": record.job_name, "state": record.state, "exit_code": record.exit_code,
         "failed_rank": record.failed_rank, "message": record.message,
     })
+
+
+def failed_rank_tail(run_dir: Path, record, lines: int = 20) -> str:
+    """The end of the failing rank's gathered console log."""
+    if record.failed_rank is None:
+        return ""
+    log = run_dir / rank_dir(record.failed_rank) / "console.log"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""

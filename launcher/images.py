@@ -7,23 +7,16 @@ package names, pins). launcher/image_build.py turns an entry into its Dockerfile
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import ConfigError
 from launcher.render import data_dir
 from launcher.inputs import ENV_NAME_RE, read_yaml_file
+from launcher.schema import Closed, FieldProblem, did_you_mean, first_error
 
 PLATFORMS = {"aarch64": "linux/arm64", "x86_64": "linux/amd64"}
 RUN_USER = "HwHiAiUser"  # the NPU driver's default running user and group
@@ -62,14 +55,6 @@ _PIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za
 _REF_RE = re.compile(r"^(v?\d+\.\d+\.\d+[A-Za-z0-9.-]*|[0-9a-f]{40})$")  # a release tag or a commit
 
 
-class _Problem(ValueError):
-    """A problem with one field of an entry; path names the field."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        super().__init__(message)
-
-
 def release(version: str) -> tuple[int, int, int]:
     """'2.7.2' -> (2, 7, 2); a pre- or post-release counts as its release ('2.6.0rc1' -> (2, 6, 0))."""
     m = _VERSION_RE.match(version)
@@ -92,11 +77,7 @@ def check_pinned_image(ref: str) -> str:
     return ref
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Cann(Strict):
+class Cann(Closed):
     version: str = Field(description="CANN release, e.g. 7.0.0.beta1 or 8.0.0")
     source: Literal["run", "image", "base"] = Field(
         "run", description="run: install the .run packages from the build context; image: copy CANN from "
@@ -108,18 +89,18 @@ class Cann(Strict):
     _pinned = field_validator("image")(lambda v: v if v is None else check_pinned_image(v))
 
 
-class MindSpore(Strict):
+class MindSpore(Closed):
     version: str
     wheel: str | None = Field(None, description="wheel URL ({arch} for the architecture); default: PyPI")
 
 
-class MindFormers(Strict):
+class MindFormers(Closed):
     version: str
     git: str | None = Field(None, description="install from this repository instead of PyPI")
     ref: str | None = Field(None, description="with git: a release tag or commit (not a branch)")
 
 
-class ImageEntry(Strict):
+class ImageEntry(Closed):
     id: str
     description: str = ""
     base_image: str
@@ -171,16 +152,17 @@ class ImageEntry(Strict):
 
 def _check_safe(path: str, value: str) -> None:
     if not _SAFE_RE.match(value.replace("{arch}", "")):
-        raise _Problem(path, f"'{value}' has characters that cannot go into a Dockerfile unquoted; "
-                             "use letters, digits and ._:/@%+=,~-")
+        raise FieldProblem(path, f"'{value}' has characters that cannot go into a Dockerfile unquoted; "
+                                 "use letters, digits and ._:/@%+=,~-")
 
 
 def _check_arch_placeholder(entry: ImageEntry, path: str, value: str) -> None:
     named = [a for a in PLATFORMS if a in value]
     if len(entry.arch) > 1 and named:
-        raise _Problem(path, f"names {named[0]} but the entry builds {', '.join(entry.arch)}; write {{arch}} instead")
+        raise FieldProblem(path, f"names {named[0]} but the entry builds {', '.join(entry.arch)}; "
+                                 "write {arch} instead")
     if named and named != entry.arch:
-        raise _Problem(path, f"names {named[0]} but the entry builds {entry.arch[0]}")
+        raise FieldProblem(path, f"names {named[0]} but the entry builds {entry.arch[0]}")
 
 
 def check_cann_files(entry: ImageEntry) -> None:
@@ -207,11 +189,11 @@ def check_cann_files(entry: ImageEntry) -> None:
             name = entry.per_arch(value, arch)
             m = pattern.match(name)
             if not m:
-                raise _Problem(f"cann.{field}", f"'{name}' is not a CANN {cann.version} {field} package name "
-                                                f"for {entry.soc}; expected a name like {example}")
+                raise FieldProblem(f"cann.{field}", f"'{name}' is not a CANN {cann.version} {field} package name "
+                                                    f"for {entry.soc}; expected a name like {example}")
             named_arch = m.group("arch") or (m.group("arch2") if "arch2" in pattern.groupindex else None)
             if named_arch not in (None, arch):
-                raise _Problem(f"cann.{field}", f"'{name}' is the {named_arch} package, not the {arch} one")
+                raise FieldProblem(f"cann.{field}", f"'{name}' is the {named_arch} package, not the {arch} one")
 
 
 def check_compatible(entry: ImageEntry) -> None:
@@ -219,31 +201,31 @@ def check_compatible(entry: ImageEntry) -> None:
     line = ".".join(mf.split(".")[:2])
     if line not in MINDSPORE_FOR_MINDFORMERS:
         known = ", ".join(f"{k}.x" for k in MINDSPORE_FOR_MINDFORMERS)
-        raise _Problem("mindformers.version", f"no MindSpore compatibility record for MindFormers {mf} "
-                                              f"(known: {known}); add its line to "
-                                              "MINDSPORE_FOR_MINDFORMERS from MindFormers' installation guide")
+        raise FieldProblem("mindformers.version", f"no MindSpore compatibility record for MindFormers {mf} "
+                                                  f"(known: {known}); add its line to "
+                                                  "MINDSPORE_FOR_MINDFORMERS from MindFormers' installation guide")
     low, high = MINDSPORE_FOR_MINDFORMERS[line]
     if not release(low) <= release(ms) < release(high):
         fits = [f"{k}.x" for k, (lo, hi) in MINDSPORE_FOR_MINDFORMERS.items() if release(lo) <= release(ms) < release(hi)]
         hint = f"; MindSpore {ms} goes with MindFormers {fits[0]}" if fits else ""
-        raise _Problem("mindformers.version", f"MindFormers {mf} needs MindSpore >={low},<{high}, but "
-                                              f"mindspore.version is {ms}; pick a supported pair{hint}")
+        raise FieldProblem("mindformers.version", f"MindFormers {mf} needs MindSpore >={low},<{high}, but "
+                                                  f"mindspore.version is {ms}; pick a supported pair{hint}")
 
 
 def check_entry(entry: ImageEntry) -> None:
-    """Checks that span several fields. Raises _Problem naming the field to fix."""
+    """Checks that span several fields. Raises FieldProblem naming the field to fix."""
     cann = entry.cann
     if cann.source == "image" and cann.image is None:
-        raise _Problem("cann.image", "source: image needs the image that has CANN installed")
+        raise FieldProblem("cann.image", "source: image needs the image that has CANN installed")
     if cann.source != "image" and cann.image is not None:
-        raise _Problem("cann.image", f"only used with source: image (this entry has source: {cann.source})")
+        raise FieldProblem("cann.image", f"only used with source: image (this entry has source: {cann.source})")
     check_cann_files(entry)
     for field in ("mindspore.version", "mindformers.version"):
         value = getattr(getattr(entry, field.split(".")[0]), "version")
         try:
             release(value)
         except ValueError as exc:
-            raise _Problem(field, str(exc)) from None
+            raise FieldProblem(field, str(exc)) from None
     check_compatible(entry)
     wheel = entry.mindspore.wheel
     if wheel is not None:
@@ -251,39 +233,27 @@ def check_entry(entry: ImageEntry) -> None:
         _check_arch_placeholder(entry, "mindspore.wheel", wheel)
         tag = "cp" + entry.python.replace(".", "")
         if not (wheel.startswith("https://") and wheel.endswith(".whl")):
-            raise _Problem("mindspore.wheel", "give an https URL of a .whl file")
+            raise FieldProblem("mindspore.wheel", "give an https URL of a .whl file")
         if f"mindspore-{entry.mindspore.version}-{tag}-" not in wheel:
-            raise _Problem("mindspore.wheel", f"the wheel is not MindSpore {entry.mindspore.version} for "
-                                              f"Python {entry.python} (its name should hold {tag})")
+            raise FieldProblem("mindspore.wheel", f"the wheel is not MindSpore {entry.mindspore.version} for "
+                                                  f"Python {entry.python} (its name should hold {tag})")
     mf = entry.mindformers
     if (mf.git is None) != (mf.ref is None):
-        raise _Problem("mindformers.ref", "give both git and ref, or neither (then PyPI's release is used)")
+        raise FieldProblem("mindformers.ref", "give both git and ref, or neither (then PyPI's release is used)")
     if mf.git is not None:
         _check_safe("mindformers.git", mf.git)
         if not _REF_RE.match(mf.ref):
-            raise _Problem("mindformers.ref", f"'{mf.ref}' looks like a branch; pin a release tag or a commit")
+            raise FieldProblem("mindformers.ref", f"'{mf.ref}' looks like a branch; pin a release tag or a commit")
     for i, extra in enumerate(entry.extras):
         if not _PIN_RE.match(extra):
-            raise _Problem(f"extras[{i}]", f"'{extra}' is not pinned; write it as name==version")
+            raise FieldProblem(f"extras[{i}]", f"'{extra}' is not pinned; write it as name==version")
     for i, pkg in enumerate(entry.apt_packages):
         if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", pkg):
-            raise _Problem(f"apt_packages[{i}]", f"'{pkg}' is not a package name")
+            raise FieldProblem(f"apt_packages[{i}]", f"'{pkg}' is not a package name")
     for key, value in entry.env.items():
         if not ENV_NAME_RE.match(key):
-            raise _Problem("env", f"'{key}' is not a valid environment variable name")
+            raise FieldProblem("env", f"'{key}' is not a valid environment variable name")
         _check_safe(f"env.{key}", value)
-
-
-def _first_error(err: ValidationError) -> str:
-    e = err.errors(include_url=False)[0]
-    problem = e.get("ctx", {}).get("error")
-    if isinstance(problem, _Problem):
-        return f"{problem.path}: {problem}"
-    path = ".".join(str(p) for p in e["loc"]) or "entry"
-    if e["type"] == "extra_forbidden":
-        return f"{path}: unknown key"
-    msg = "is required" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
-    return f"{path}: {msg}"
 
 
 def matrix_path() -> Path:
@@ -304,7 +274,7 @@ def load_matrix(path: str | Path | None = None) -> dict[str, ImageEntry]:
         try:
             entry = ImageEntry.model_validate(raw)
         except ValidationError as err:
-            raise ConfigError(f"{path}: images[{i}] ({name}): {_first_error(err)}") from None
+            raise ConfigError(f"{path}: images[{i}] ({name}): {first_error(err, 'entry')}") from None
         if entry.id in entries:
             raise ConfigError(f"{path}: images[{i}] ({name}): id: listed twice; every entry needs its own id")
         entries[entry.id] = entry
@@ -313,8 +283,7 @@ def load_matrix(path: str | Path | None = None) -> dict[str, ImageEntry]:
 
 def get_entry(entries: dict[str, ImageEntry], entry_id: str) -> ImageEntry:
     if entry_id not in entries:
-        close = difflib.get_close_matches(entry_id, list(entries), n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(entry_id, entries, cutoff=0.5, form="did you mean '{}'? ")
         raise ConfigError(f"ENTRY: no image '{entry_id}' in the matrix; {hint}see 'launcher image list'")
     return entries[entry_id]
 

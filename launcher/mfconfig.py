@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import yaml
 from launcher.errors import ConfigError
 from launcher.render import data_dir
 from launcher.models import TARGET_RELEASE, release_line
+from launcher.schema import did_you_mean
 from launcher.spec import Job, mindformers_release
 
 # Where MindFormers writes, relative to each node's work directory.
@@ -133,15 +133,15 @@ def apply_override(cfg: dict, dotted: str, value: Any) -> None:
     for depth, key in enumerate(parts[:-1]):
         if not isinstance(node, dict) or key not in node:
             known = list(node) if isinstance(node, dict) else []
-            raise ConfigError(f"{where}: '{'.'.join(parts[: depth + 1])}' is not in the base config{_hint(key, known)}")
+            raise ConfigError(f"{where}: '{'.'.join(parts[: depth + 1])}' is not in the base config"
+                              f"{did_you_mean(key, known)}")
         node = node[key]
     if not isinstance(node, dict):
         raise ConfigError(f"{where}: '{'.'.join(parts[:-1])}' is not a section")
     leaf = parts[-1]
     if leaf not in node:
-        close = difflib.get_close_matches(leaf, list(node), n=1, cutoff=0.8)
-        if close:
-            raise ConfigError(f"{where}: '{leaf}' is not in the base config; did you mean '{close[0]}'?")
+        if hint := did_you_mean(leaf, node, cutoff=0.8):
+            raise ConfigError(f"{where}: '{leaf}' is not in the base config{hint}")
     elif not _same_kind(node[leaf], value):
         # Caught here, once, instead of by MindFormers on every node.
         raise ConfigError(f"{where}: the base config has a {_kind(node[leaf])} here ({node[leaf]!r}), "
@@ -163,11 +163,6 @@ def _same_kind(base: Any, value: Any) -> bool:
     if base is None or _kind(base) == _kind(value):
         return True
     return _kind(base) == "number" and _kind(value) == "integer"
-
-
-def _hint(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def train_shape(cfg: dict) -> tuple[int, int]:

@@ -1,4 +1,7 @@
-"""Run directories: runs/<run-id>/ with run.json (what was started, where, and how it ended)."""
+"""Run directories: runs/<run-id>/ with run.json (what was started, where, and how it ended).
+
+Every name inside a run directory is defined here, once.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,15 @@ RUN_FILE = "run.json"
 PLAN_DIR = "plan"
 # A dataset prepared on this machine for a remote run: staged with the plan, read as data/<file> on the nodes.
 RUN_DATA_DIR = "data"
+DATA_RECORD = "data.json"  # what the run trained on (predict reads the tokenizer from it)
+MIRROR_DIR = "mirror"  # local copies of remote ranks' progress files and logs, for the live view
+NODE_LOG = "node-0.log"  # the local node script's output
+TARGET_FILE = "k8s.json"  # how a Kubernetes run reaches its cluster again
+RANKS_DIR = "ranks"  # ranks/rank_N/: each rank's gathered files
+MANIFEST = "manifest.json"  # size and sha256 of every gathered file
+FILTERED_DIR = "filtered"  # launcher ckpt filter
+MERGED_DIR = "merged"  # launcher ckpt merge
+MERGED_LORA_DIR = "merged-lora"  # launcher ckpt merge-lora
 
 
 @dataclass

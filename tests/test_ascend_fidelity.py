@@ -17,7 +17,8 @@ from conftest import EXAMPLES
 from launcher.entrypoints import finetune
 from launcher.errors import ConfigError
 from launcher.plan import build_plan
-from launcher.spec import check_local_host, parse_job
+from launcher.backends.local import check_local_host
+from launcher.spec import parse_job
 
 BAICHUAN = "baichuan2-7b-lora-4dev-docker.yaml"
 
@@ -104,7 +105,7 @@ def test_local_run_is_checked_against_the_installed_mindformers(tmp_path, monkey
     data = load("tiny-lora-local.yaml")
     data["dataset"]["path"] = str(tmp_path)
     job = parse_job(data)
-    monkeypatch.setattr("launcher.spec.installed_mindformers", lambda: "1.3.2")
+    monkeypatch.setattr("launcher.backends.local.installed_mindformers", lambda: "1.3.2")
     # tiny_llama's configs are written for MindFormers 1.8.
     with pytest.raises(ConfigError, match="model: tiny_llama runs on MindFormers 1.8 or newer; this machine has "
                                           "MindFormers 1.3.2"):
@@ -273,7 +274,7 @@ def test_parallel_mode_and_gradient_mean_per_device():
 def test_default_image_is_mindformers_1_8_on_cann_8_5():
     # mindformers r1.8.0 README: MindFormers 1.8.0 -> MindSpore 2.7.2 -> CANN 8.5.0 -> driver 25.5.0.
     from launcher.images import load_matrix
-    from launcher.spec import Image
+    from launcher.job_sections import Image
     entry = load_matrix()[Image().entry]
     assert (entry.mindformers.version, entry.mindspore.version, entry.cann.version) == ("1.8.0", "2.7.2", "8.5.0")
 

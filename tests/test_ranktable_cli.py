@@ -6,20 +6,17 @@ also shown in MindSpore's "rank table Startup" tutorial, mindspore-ai/docs
 tutorials/source_en/parallel/rank_table.md, which documents the `address_N=IP` lines of /etc/hccn.conf).
 """
 
-import itertools
 import json
 import os
-import random
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from conftest import require_tool, run_launcher
 
 from launcher import ascend, ranktable
-from launcher.cli import main
+from launcher.cli.main import main
 from launcher.ranktable import ServerDevices, single_node_table
 from launcher.render import to_json
 

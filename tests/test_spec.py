@@ -8,7 +8,8 @@ import yaml
 from conftest import EXAMPLES, free_port, run_launcher
 
 from launcher.errors import ConfigError
-from launcher.spec import load_job, parse_devices, parse_job
+from launcher.job_sections import parse_devices
+from launcher.spec import load_job, parse_job
 
 BASE = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
 
@@ -95,13 +96,17 @@ def test_duplicate_hosts():
 
 def test_ranktable_on_ascend_needs_device_ips():
     data = job_with(parallel__data_parallel=2)
-    data["cluster"].update(device="ascend", launch="ranktable", backend="k8s")
+    data["cluster"].update(device="ascend", launch="ranktable", backend="local")
     data["cluster"]["nodes"] = [{"host": "10.0.0.1", "devices": [0, 1], "device_ips": ["192.168.0.1"]}]
     assert "cluster.nodes[0].device_ips: 1 device_ips for 2 devices" in error_of(data)
     data["cluster"]["nodes"][0].pop("device_ips")
     assert "cluster.nodes[0].device_ips: launch: ranktable on Ascend needs the device IPs" in error_of(data)
     # Over SSH they may be left out: the launcher reads them from the nodes.
     data["cluster"]["backend"] = "ssh"
+    assert parse_job(data).cluster.nodes[0].device_ips is None
+    # On Kubernetes MindCluster writes the table (rings-config) from the NPUs each pod was given.
+    data["cluster"]["backend"] = "k8s"
+    data["cluster"]["k8s"] = {"kind": "volcano-job", "pods": "per-rank"}
     assert parse_job(data).cluster.nodes[0].device_ips is None
 
 

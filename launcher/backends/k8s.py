@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,14 +22,13 @@ from pathlib import Path
 from rich.console import Console
 
 from launcher import gather
+from launcher.backends.base import teardown_shield
 from launcher.backends.k8s_objects import RANK_LABEL, RUN_LABEL, output_claim, run_objects, set_owner
 from launcher.errors import BackendError
 from launcher.liveview import LiveView
 from launcher.plan import STATUS_DIR, LaunchPlan
-from launcher.runs import RunRecord
+from launcher.runs import MIRROR_DIR, RunRecord, TARGET_FILE
 
-TARGET_FILE = "k8s.json"
-MIRROR_DIR = "mirror"  # local copies of the ranks' logs and exit codes, for the live view
 REQUEST_TIMEOUT = 30  # seconds, every API call
 WATCH_SECONDS = 1
 DELETE_WAIT = 120
@@ -367,18 +365,13 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
     except BackendError as exc:  # the API failed while watching: still gather and delete
         outcome, detail = "error", str(exc)
     finally:
-        # A second Ctrl-C or SIGTERM must not cut the teardown short and leave pods behind.
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         problems = []
-        try:
+        with teardown_shield():
             for step in (run.gather_logs, run.delete_all):  # the logs first: they go with the pods
                 try:
                     problems += step() or []
                 except BackendError as exc:
                     problems.append(f"{exc}; 'launcher down {record.run_id}' deletes what is left")
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
     record.finished = time.time()
     record.state = {"succeeded": "succeeded", "interrupted": "interrupted"}.get(outcome, "failed")
     record.exit_code = {"succeeded": 0, "interrupted": 130}.get(outcome, 1)

@@ -1,5 +1,5 @@
-"""`launcher status|logs|gather|down RUN` for a Kubernetes run: they reach the cluster again through
-the run's k8s.json (kubeconfig, context, namespace, PVC directory)."""
+"""The Kubernetes backend as the runner sees it. `status|logs|gather|down RUN` reach the cluster again
+through the run's k8s.json (kubeconfig, context, namespace, PVC directory)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 from rich.console import Console
 
 from launcher import gather
-from launcher.backends.k8s import WATCH_SECONDS, KubeRun, phase, reconnect
+from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status, sigterm_as_interrupt
+from launcher.backends.k8s import MIRROR_DIR, WATCH_SECONDS, KubeRun, Target, execute, phase, reconnect
+from launcher.backends.k8s_objects import short_id
+from launcher.errors import LauncherError
 from launcher.liveview import LiveView
 from launcher.plan import LaunchPlan
 from launcher.runs import RunRecord
@@ -21,7 +24,7 @@ def status(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> tuple[list[str
     lines = [f"pod {name} (rank {rank}): {phase(pods[name]) or 'Pending'}" if name in pods
              else f"pod {name} (rank {rank}): not in the cluster" for name, rank in run.rank_of.items()]
     run.mirror(pods)
-    view = LiveView(plan, run_dir / "mirror", Console(force_terminal=False), record.run_id)
+    view = LiveView(plan, run_dir / MIRROR_DIR, Console(force_terminal=False), record.run_id)
     view.update()
     return lines, view
 
@@ -65,3 +68,43 @@ def gather_again(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> list[str
 
 def down(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> list[str]:
     return reconnect(plan, run_dir, record).delete_all()
+
+
+class K8sBackend(Backend):
+    """The ranks as pods, created through the Kubernetes API (launcher/backends/k8s.py)."""
+
+    name = "k8s"
+    OPTIONS = ("kubeconfig", "context", "namespace", "pvc_dir", "replace", "pending_timeout")
+
+    def __init__(self, kubeconfig: str | None = None, context: str | None = None, namespace: str | None = None,
+                 pvc_dir: str | None = None, replace: bool = False, pending_timeout: float = 600):
+        self.target = Target(kubeconfig, context, namespace, str(Path(pvc_dir).resolve()) if pvc_dir else None)
+        self.replace, self.pending_timeout = replace, pending_timeout
+
+    def where(self, plan: LaunchPlan) -> str:
+        return "Kubernetes"
+
+    def rank_location(self, run: Run, rank: int) -> str:
+        return f"pod {run.plan.job_name}-{short_id(run.record.run_id, run.plan.job_name)}-rank-{rank}"
+
+    def execute(self, run: Run, events: Events) -> Outcome:
+        with sigterm_as_interrupt():
+            run.record, problems = execute(run.plan, run.dir, run.record, events.console, self.target, self.replace,
+                                           self.pending_timeout)
+        events.info("gathered; verifying ...")
+        return Outcome([Problem(p) for p in problems], gather.failed_rank_tail(run.dir, run.record))
+
+    def status(self, run: Run) -> Status:
+        return Status(*status(run.plan, run.dir, run.record))
+
+    def logs(self, run: Run, ranks: list[int], follow: bool, prefix: bool, echo: Echo) -> list[Problem]:
+        return [Problem(p) for p in logs(run.plan, run.dir, run.record, ranks, follow, prefix, echo)]
+
+    def gather(self, run: Run) -> list[Problem]:
+        return [Problem(p, fatal=True) for p in gather_again(run.plan, run.dir, run.record)]
+
+    def down(self, run: Run, purge: bool) -> str:
+        problems = down(run.plan, run.dir, run.record)
+        if problems:
+            raise LauncherError("; ".join(problems))
+        return f"run {run.record.run_id}: every object with label launcher/run-id={run.record.run_id} is deleted"

@@ -6,9 +6,10 @@ and gather copies each rank's files into ranks/rank_N/.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
-import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,13 +18,15 @@ from pathlib import Path
 from rich.console import Console
 
 from launcher import gather
+from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status, sigterm_as_interrupt, teardown_shield
 from launcher.entrypoints import nodectl
-from launcher.errors import BackendError
+from launcher.errors import BackendError, ConfigError, LauncherError
 from launcher.liveview import LiveView, rank_exit_codes
 from launcher.plan import STATUS_DIR, LaunchPlan
-from launcher.runs import PLAN_DIR, RunRecord
+from launcher.runs import NODE_LOG, PLAN_DIR, RunRecord
+from launcher.models import MODELS
+from launcher.spec import Job
 
-NODE_LOG = "node-0.log"
 POLL_SECONDS = 0.25
 _MSRUN_WORKER_FAILED = re.compile(r"Worker process (\d+) exit with exception")
 
@@ -64,13 +67,8 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        # A second Ctrl-C or SIGTERM must not cut the teardown short and leave ranks running.
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with teardown_shield():
             left = nodectl.stop_run(record.run_id, [proc.pid])
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
     rc = proc.wait()
     rank_failed = _any_rank_failed(plan, run_dir)
     record.finished = time.time()
@@ -114,6 +112,131 @@ def failed_rank(plan: LaunchPlan, workdir: Path) -> int | None:
     return None
 
 
-def gather_run(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> dict:
-    gather.gather_local(plan, run_dir, run_dir)
-    return gather.finish(plan, run_dir, record)
+# --- what a local run needs from this machine, checked before anything is written or started ---
+
+
+def resolve_local_paths(job: Job, base: Path) -> Job:
+    """For the local backend, relative dataset/checkpoint paths are relative to the working directory."""
+
+    def absolute(p: str) -> str:
+        return p if not p or Path(p).is_absolute() else str((base / p).resolve())
+
+    return job.model_copy(
+        update={
+            "dataset": job.dataset.model_copy(update={"path": absolute(job.dataset.path)}),
+            "checkpoint": job.checkpoint.model_copy(update={"load": absolute(job.checkpoint.load)}),
+        }
+    )
+
+
+def installed_mindformers() -> str | None:
+    """The MindFormers release installed beside the launcher (which local runs use), if any."""
+    try:
+        return importlib.metadata.version("mindformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_local_host(job: Job) -> None:
+    """What a local run needs from this machine, checked before anything is written or started."""
+    if not Path(job.dataset.path).exists():
+        raise ConfigError(
+            f"dataset.path: {job.dataset.path} does not exist; "
+            "make the demo dataset with 'launcher dataset tiny PATH' or point to your MindRecord file"
+        )
+    if job.checkpoint.load and not Path(job.checkpoint.load).exists():
+        raise ConfigError(f"checkpoint.load: {job.checkpoint.load} does not exist")
+    installed = installed_mindformers()
+    model = MODELS[job.model]
+    if job.mindformers.version is None and installed and not model.carried_by(installed):
+        raise ConfigError(f"model: {job.model} runs on {model.releases}; this machine has MindFormers {installed}")
+    if not port_is_free(job.cluster.master_port):
+        raise ConfigError(
+            f"cluster.master_port: port {job.cluster.master_port} is in use on this machine; "
+            "pick a free port (or stop what holds it)"
+        )
+
+
+class LocalBackend(Backend):
+    """The ranks as processes of this machine; the run directory is the node's work directory."""
+
+    name = "local"
+    OPTIONS = ()
+
+    def resolve_paths(self, job: Job, base: Path) -> Job:
+        return resolve_local_paths(job, base)
+
+    def check_host(self, job: Job) -> None:
+        check_local_host(job)
+        if job.cluster.device == "ascend":
+            from launcher import ascend
+
+            problems = ascend.preflight(job.cluster.nodes[0].devices, False, ascend.local_runner(ascend.TIMEOUT_S))
+            if problems:
+                raise BackendError("preflight failed on this machine; nothing was started:\n  " + "\n  ".join(problems))
+
+    def check_plan(self, plan: LaunchPlan) -> None:
+        if not port_is_free(plan.master_port):
+            raise ConfigError(f"port {plan.master_port} of this rendered plan is in use on this machine; "
+                              "render it again with a free cluster.master_port")
+
+    def where(self, plan: LaunchPlan) -> str:
+        return "this machine"
+
+    def execute(self, run: Run, events: Events) -> Outcome:
+        with sigterm_as_interrupt():
+            run.record = execute(run.plan, run.dir, run.record, events.console)
+        events.info("gathering ...")
+        gather.gather_local(run.plan, run.dir, run.dir)
+        return Outcome(tail=gather.failed_rank_tail(run.dir, run.record))
+
+    def status(self, run: Run) -> Status:
+        alive = nodectl.run_processes(run.record.run_id)
+        lines = []
+        if run.record.state == "running" and not alive:
+            lines.append("its processes are gone, but the launcher did not record the end (was it killed?)")
+        lines.append(f"{len(alive)} processes alive")
+        view = LiveView(run.plan, run.dir, Console(force_terminal=False), run.record.run_id)
+        view.update()
+        return Status(lines, view)
+
+    def logs(self, run: Run, ranks: list[int], follow: bool, prefix: bool, echo: Echo) -> list[Problem]:
+        slots = [run.plan.ranks[r] for r in ranks]
+        offsets = {s.rank: 0 for s in slots}
+        while True:
+            for s in slots:
+                path = run.dir / s.console_log
+                if not path.is_file():
+                    continue
+                with path.open("rb") as f:
+                    f.seek(offsets[s.rank])
+                    data = f.read()
+                complete = data[: data.rfind(b"\n") + 1] if follow else data
+                offsets[s.rank] += len(complete)
+                for line in complete.decode(errors="replace").splitlines():
+                    echo(f"[rank {s.rank}] {line}" if prefix else line)
+            if not follow or not nodectl.run_processes(run.record.run_id):
+                return []
+            time.sleep(0.5)
+
+    def gather(self, run: Run) -> list[Problem]:
+        gather.gather_local(run.plan, run.dir, run.dir)
+        return []
+
+    def down(self, run: Run, purge: bool) -> str:
+        # Every process of the run carries its run id, the node script included; no pid from run.json is
+        # trusted, since it may have been reused.
+        left = nodectl.stop_run(run.record.run_id)
+        if left:
+            raise LauncherError(f"processes {left} of {run.record.run_id} would not stop")
+        return f"run {run.record.run_id}: no process left"

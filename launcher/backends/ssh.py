@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import posixpath
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,9 @@ from launcher.errors import BackendError, TransportError
 from launcher.liveview import LiveView, rank_exit_codes
 from launcher.plan import STATUS_DIR, LaunchPlan, NodeStep
 from launcher.render import render_template
-from launcher.runs import PLAN_DIR, RUN_DATA_DIR, RunRecord
+from launcher.runs import MIRROR_DIR, PLAN_DIR, RUN_DATA_DIR, RunRecord
 
 NODECTL = "nodectl.py"
-MIRROR_DIR = "mirror"  # local copies of the ranks' progress files, for the live view
 POLL_SECONDS = 1.0
 STOP_GRACE = 10.0
 NODECTL_SOURCE = Path(nodectl.__file__)
@@ -284,11 +282,6 @@ class SshRun:
             await asyncio.sleep(POLL_SECONDS)
         return self.unreachable()
 
-    async def do_gather(self) -> list[str]:
-        from launcher.backends import ssh_gather
-
-        return self.unreachable() + [p for p in await ssh_gather.gather(self) if "is lost" not in p]
-
     async def do_down(self, purge: bool) -> list[str]:
         problems = [p for p in await self.teardown() if "is lost" not in p] + self.unreachable()
         if purge and not problems:
@@ -301,72 +294,3 @@ class SshRun:
 def failures_in_order(results: list, errors: list[Exception]) -> list[Exception | None]:
     it = iter(errors)
     return [next(it) if r is None else None for r in results]
-
-
-def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console, accept_new: bool,
-            kill_stale: bool) -> tuple[RunRecord, list[str], str]:
-    """Run the plan over SSH. Returns the final record, the problems to report (teardown, gather),
-    and the tail of the failing rank's log."""
-    return asyncio.run(_execute(plan, run_dir, record, console, accept_new, kill_stale))
-
-
-async def _execute(plan, run_dir, record, console, accept_new, kill_stale):
-    from launcher.backends import ssh_gather, ssh_preflight
-
-    run = SshRun(plan, run_dir, record, console, accept_new, kill_stale)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, run.stop_requested.set)
-    try:
-        await run.connect_all()
-        try:
-            await ssh_preflight.preflight(run)
-            await run.stage_and_start()
-        except BaseException:
-            run.close()
-            raise
-        record.state = "running"
-        record.save(run_dir)
-        try:
-            outcome = await run.watch()
-        finally:
-            problems = await run.teardown()
-        record.finished = time.time()
-        record.state = outcome if outcome != "lost" else "failed"
-        record.exit_code = {"succeeded": 0, "interrupted": 130}.get(outcome, 1)
-        mirror = run_dir / MIRROR_DIR
-        failed = sorted(r for r, c in run.rank_codes(mirror).items() if c != 0)
-        lost = [s for s in run.nodes if s.lost]
-        if outcome == "lost":
-            record.message = "; ".join(f"node {s.step.index} ({s.step.host}) lost: no answer for "
-                                       f"{plan.ssh.node_lost_after:.0f}s" for s in lost)
-        elif outcome == "failed":
-            if failed:
-                record.failed_rank = failed[0]
-            node = next((s for s in run.nodes if s.exit_code not in (None, 0)), None)
-            failing_node = plan.ranks[failed[0]].node if failed else (node.step.index if node else None)
-            record.message = f"node {failing_node} failed"
-        record.save(run_dir)
-        problems += await ssh_gather.gather(run)
-        tail = await run.tail(record.failed_rank) if record.failed_rank is not None else ""
-        return record, problems, tail
-    finally:
-        run.close()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-# --- reconnecting to a run: status, logs, gather, down ------------------------------------------
-
-
-def reconnect(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console, action: str, **kwargs):
-    return asyncio.run(_reconnect(plan, run_dir, record, console, action, **kwargs))
-
-
-async def _reconnect(plan, run_dir, record, console, action, **kwargs):
-    run = SshRun(plan, run_dir, record, console)
-    await run.connect_all(strict=False)
-    try:
-        return await getattr(run, f"do_{action}")(**kwargs)
-    finally:
-        run.close()

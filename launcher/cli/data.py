@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from launcher.console import err, out, reports_errors
+from launcher.cli.console import err, out, reports_errors
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from launcher.console import err, out, reports_errors
+from launcher.cli.console import err, out, reports_errors
 from launcher.runs import find_run
 
 

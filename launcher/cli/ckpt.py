@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from launcher.console import err, out, reports_errors
+from launcher.cli.console import err, out, reports_errors
 from launcher.runs import find_run
 
 _RUNS_DIR = click.option("--runs-dir", default="runs", show_default=True, help="where run directories are")

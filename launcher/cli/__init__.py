@@ -1,0 +1,1 @@
+"""The command line: `launcher` is cli/main.py; each group of commands has its module here."""

@@ -1,0 +1,159 @@
+"""The application flow of render, up, status, logs, gather and down, the same for every backend.
+
+It never prints: progress goes to the caller's Events (a line of text, the live view's console, the
+data preparation's progress and report), and results come back as values for the CLI to show.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher import gather
+from launcher.backends import base
+from launcher.backends.base import Backend, Outcome, Problem, Run, Status
+from launcher.errors import ConfigError, LauncherError
+from launcher.plan import LaunchPlan, build_plan
+from launcher.runs import PLAN_DIR, RunRecord, find_run, new_run_id
+from launcher.spec import Job, load_job
+
+
+class Events(base.Events):
+    """What `up` reports while it works, beyond the backend's lines and live view."""
+
+    def progress(self):
+        """A context manager giving a callback(rows_done) while data is prepared."""
+
+    def data_prepared(self, path: Path, report) -> None:
+        """report is None when the dataset was found prepared from the same inputs."""
+
+
+@dataclass
+class Finished:
+    run: Run
+    backend: Backend
+    outcome: Outcome
+    summary: dict
+
+    @property
+    def exit_code(self) -> int:
+        return base.exit_code(self.run.record, self.outcome.problems)
+
+
+def load(job_file: str, pvc_dir: str | None = None) -> tuple[Job, Path | None]:
+    """The job with its paths resolved for its backend, and the dataset its data: section prepares
+    (None without one). dataset.path is set to that dataset here, before planning, so the plan stays pure."""
+    job = load_job(job_file)
+    job = base.get(job.cluster.backend).resolve_paths(job, Path.cwd())
+    if job.data is None:
+        return job, None
+    from launcher.data_cache import resolve_data
+
+    return resolve_data(job, Path.cwd(), Path(pvc_dir).resolve() if pvc_dir else None)
+
+
+def render(job_file: str, output: str | None) -> tuple[LaunchPlan, Path]:
+    job, _ = load(job_file)
+    plan = build_plan(job)
+    target = Path(output or f"rendered/{job.name}")
+    if target.exists() and any(target.iterdir()) and not (target / "plan.json").exists():
+        raise ConfigError(f"{target} exists and is not a rendered plan; choose an empty or new directory")
+    plan.write(target)
+    return plan, target
+
+
+def prepare_data(job_file: str, pvc_dir: str | None, events: Events) -> tuple[Job, Path | None]:
+    """load, and the job's data: section prepared (or found in the cache) before anything starts."""
+    job, path = load(job_file, pvc_dir)
+    if path is None:
+        return job, None
+    if job.cluster.backend == "k8s" and not pvc_dir:
+        raise ConfigError(f"data: the pods read the prepared dataset from the claim {job.cluster.k8s.output_pvc!r}; "
+                          "mount it on this machine and pass --pvc-dir (the dataset goes to <pvc-dir>/data/)")
+    from launcher import data_cache
+
+    events.data_prepared(path, data_cache.ensure_prepared(job, path, events.progress))
+    return job, path
+
+
+def up(job: str, runs_dir: Path, options: dict, events: Events) -> Finished:
+    """Start JOB (a job file or a rendered plan directory), watch it, stop it, gather and verify it.
+    options: the backend's (see each backend's OPTIONS); those of other backends are ignored."""
+    spec, data_path = None, None
+    if Path(job).is_dir():
+        plan = LaunchPlan.read(Path(job))
+        backend = base.get(plan.backend, **options)
+        backend.check_plan(plan)
+    else:
+        spec, data_path = prepare_data(job, options.get("pvc_dir"), events)
+        backend = base.get(spec.cluster.backend, **options)
+        backend.check_host(spec)
+        plan = build_plan(spec)
+        completed = backend.complete(spec, plan, runs_dir, events)
+        if completed is not spec:
+            plan = build_plan(completed)
+    run = _new_run(plan, runs_dir, backend, events)
+    if data_path is not None:
+        from launcher.data_cache import stage_into_run
+
+        stage_into_run(spec, data_path, run.dir)
+    try:
+        outcome = backend.execute(run, events)
+    except LauncherError:
+        if RunRecord.load(run.dir).state == "starting":
+            shutil.rmtree(run.dir)  # nothing ran anywhere: leave no run behind
+        raise
+    return Finished(run, backend, outcome, gather.finish(plan, run.dir, run.record))
+
+
+def _new_run(plan: LaunchPlan, runs_dir: Path, backend: Backend, events: Events) -> Run:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    run_id = new_run_id(plan.job_name, runs_dir)
+    run_dir = (runs_dir / run_id).resolve()
+    plan.write(run_dir / PLAN_DIR)
+    record = RunRecord(run_id, plan.job_name, plan.backend, "starting", time.time())
+    record.save(run_dir)
+    events.info(f"run [bold]{run_id}[/] — {plan.world_size} ranks, {plan.launch} on {backend.where(plan)}")
+    return Run(run_dir, record, plan)
+
+
+def open_run(run: str, runs_dir: Path) -> tuple[Run, Backend]:
+    """A run again, from a new process, and its backend (which reaches the nodes from the run's files)."""
+    run_dir = find_run(run, runs_dir)
+    record = RunRecord.load(run_dir)
+    return Run(run_dir, record, LaunchPlan.read(run_dir / PLAN_DIR)), base.get(record.backend)
+
+
+def status(run: Run, backend: Backend) -> Status:
+    return backend.status(run)
+
+
+def logs(run: Run, backend: Backend, rank: int | None, follow: bool, echo) -> list[Problem]:
+    world = run.plan.world_size
+    if rank is not None and not 0 <= rank < world:
+        raise ConfigError(f"--rank: {rank} is not a rank of this run (0-{world - 1})")
+    ranks = [rank] if rank is not None else list(range(world))
+    return backend.logs(run, ranks, follow, rank is None, echo)
+
+
+def gather_again(run: Run, backend: Backend) -> tuple[dict, list[Problem], int]:
+    """Verify what was gathered, fetch what is missing, verify again: (summary, warnings, files)."""
+    if (run.dir / gather.MANIFEST).is_file():
+        problems = gather.verify_manifest(run.dir)
+        if problems:
+            raise LauncherError("gathered files do not match manifest.json: " + "; ".join(problems[:10]))
+    problems = backend.gather(run)
+    summary = gather.finish(run.plan, run.dir, run.record)
+    fatal = [p.text for p in problems if p.fatal]
+    if fatal:
+        raise LauncherError("; ".join(fatal))
+    return summary, problems, len(json.loads((run.dir / gather.MANIFEST).read_text())["files"])
+
+
+def down(run: Run, backend: Backend, purge: bool) -> str:
+    if purge and not backend.can_purge:
+        raise ConfigError("--purge removes node directories of ssh runs; a local run's files are all in its run directory")
+    return backend.down(run, purge)
