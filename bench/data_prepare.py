@@ -61,9 +61,9 @@ def baseline(source: str, tokenizer_path: str, out: str) -> int:
     """The same steps as `data prepare`, as a plain loop in one process."""
     import numpy as np
 
-    from launcher.data_prepare import BadRow, read_rows, row_turns
-    from launcher.dataset import PREPARED_PAGES, atomic_mindrecord
-    from launcher.tokenization import IGNORE_INDEX, load_tokenizer, template_parts
+    from launcher.data.prepare import BadRow, read_rows, row_turns
+    from launcher.data.mindrecord import PREPARED_PAGES, atomic_mindrecord
+    from launcher.data.tokenization import IGNORE_INDEX, load_tokenizer, template_parts
 
     tok = load_tokenizer(tokenizer_path)
     length, written, batch = SEQ_LENGTH + 1, 0, []

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import k8scluster  # noqa: E402  (the API emulator of the end-to-end tests: a stand-in for a control plane)
 
-from launcher.backends.k8s import KubeRun, Target  # noqa: E402
+from launcher.backends.k8s.cluster import KubeRun, Target  # noqa: E402
 from launcher.plan import build_plan  # noqa: E402
 from launcher.runs import RunRecord  # noqa: E402
 from launcher.spec import parse_job  # noqa: E402

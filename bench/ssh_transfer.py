@@ -26,8 +26,9 @@ sys.path.insert(0, str(REPO / "tests"))
 import sshcluster  # noqa: E402  (the test hosts, shared with the end-to-end tests)
 from rich.console import Console  # noqa: E402
 
-from launcher.backends import ssh_gather, ssh_preflight  # noqa: E402
-from launcher.backends.ssh import SshRun, remote_run_dir  # noqa: E402
+from launcher.backends.ssh import gather as ssh_gather  # noqa: E402
+from launcher.backends.ssh import preflight as ssh_preflight  # noqa: E402
+from launcher.backends.ssh.session import SshRun, remote_run_dir  # noqa: E402
 from launcher.plan import build_plan  # noqa: E402
 from launcher.runs import PLAN_DIR, RunRecord  # noqa: E402
 from launcher.spec import parse_job  # noqa: E402

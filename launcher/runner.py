@@ -50,7 +50,7 @@ def load(job_file: str, pvc_dir: str | None = None) -> tuple[Job, Path | None]:
     job = base.get(job.cluster.backend).resolve_paths(job, Path.cwd())
     if job.data is None:
         return job, None
-    from launcher.data_cache import resolve_data
+    from launcher.data.cache import resolve_data
 
     return resolve_data(job, Path.cwd(), Path(pvc_dir).resolve() if pvc_dir else None)
 
@@ -73,7 +73,7 @@ def prepare_data(job_file: str, pvc_dir: str | None, events: Events) -> tuple[Jo
     if job.cluster.backend == "k8s" and not pvc_dir:
         raise ConfigError(f"data: the pods read the prepared dataset from the claim {job.cluster.k8s.output_pvc!r}; "
                           "mount it on this machine and pass --pvc-dir (the dataset goes to <pvc-dir>/data/)")
-    from launcher import data_cache
+    from launcher.data import cache as data_cache
 
     events.data_prepared(path, data_cache.ensure_prepared(job, path, events.progress))
     return job, path
@@ -97,7 +97,7 @@ def up(job: str, runs_dir: Path, options: dict, events: Events) -> Finished:
             plan = build_plan(completed)
     run = _new_run(plan, runs_dir, backend, events)
     if data_path is not None:
-        from launcher.data_cache import stage_into_run
+        from launcher.data.cache import stage_into_run
 
         stage_into_run(spec, data_path, run.dir)
     try:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from launcher import images
+from launcher.image import matrix as images
 from launcher.errors import ConfigError
 from launcher.inputs import ENV_NAME_RE, read_yaml_file
 from launcher.job_sections import (

@@ -3,6 +3,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,8 @@ def assert_lora_checkpoints(run_dir: Path, world: int):
 
 def tiny_training_text() -> list[str]:
     """The shipped corpus plus the chat template's fixed text, so templated rows tokenize without <unk>."""
-    from launcher import data_prepare, tokenization
+    from launcher.data import prepare as data_prepare
+    from launcher.data import tokenization
 
     corpus = (REPO / "configs" / "data" / "tiny_corpus.txt").read_text().splitlines()
     template = [tokenization.SYSTEM_PROMPT, data_prepare.PROMPT_INPUT, data_prepare.PROMPT_NO_INPUT,
@@ -139,3 +141,54 @@ def use_prepared_data(job: dict, tmp_path: Path, tokenizer: Path, rows: int = 64
     job["data"] = {"source": str(source), "format": "conversation", "tokenizer": str(tokenizer)}
     job["mindformers"] = {"overrides": {"model.model_config.seq_length": SEQ_LENGTH_FOR_TEMPLATE}}
     return job
+
+
+def pid_namespace(pid) -> str | None:
+    """The PID namespace of a process, as /proc/PID/ns/pid names it (pid:[inode]), or None if it is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def outside_processes(run_id: str, roots=(), namespaces=None) -> list[str]:
+    """Live processes (not zombies) of run `run_id`, read from /proc and not through the launcher's code.
+
+    A process belongs to the run if the run id or one of `roots` appears in its command line or its
+    environment, or its working directory contains the run id or lies under one of `roots`; so one that
+    lost its marker variable is still found. `namespaces` (a set of pid:[inode]) limits the scan to
+    processes in those PID namespaces. Returns "pid N (pid:[...]): command line" lines.
+    """
+    markers = [run_id.encode(), *(str(r).encode() for r in roots)]
+    prefixes = [str(r).rstrip("/") for r in roots]
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read()
+            cwd = os.readlink(f"/proc/{name}/cwd")
+            namespace = os.readlink(f"/proc/{name}/ns/pid")
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+        if namespaces is not None and namespace not in namespaces:
+            continue
+        if (any(m in cmdline or m in environ for m in markers) or run_id in cwd
+                or any(cwd == p or cwd.startswith(p + "/") for p in prefixes)):
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()[:300]
+            found.append(f"pid {name} ({namespace}): {command}")
+    return found
+
+
+def wait_until(what, timeout: float = 15, step: float = 0.5):
+    """what() once it is falsy, polling for up to `timeout` seconds; else its last value."""
+    deadline = time.monotonic() + timeout
+    while (value := what()) and time.monotonic() < deadline:
+        time.sleep(step)
+    return value

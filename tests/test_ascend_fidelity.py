@@ -273,7 +273,7 @@ def test_parallel_mode_and_gradient_mean_per_device():
 
 def test_default_image_is_mindformers_1_8_on_cann_8_5():
     # mindformers r1.8.0 README: MindFormers 1.8.0 -> MindSpore 2.7.2 -> CANN 8.5.0 -> driver 25.5.0.
-    from launcher.images import load_matrix
+    from launcher.image.matrix import load_matrix
     from launcher.job_sections import Image
     entry = load_matrix()[Image().entry]
     assert (entry.mindformers.version, entry.mindspore.version, entry.cann.version) == ("1.8.0", "2.7.2", "8.5.0")

@@ -128,7 +128,7 @@ def test_an_old_driver_is_refused_with_the_fix():
 
 
 def test_the_shipped_image_matrix_pairs_are_allowed():
-    from launcher.images import load_matrix
+    from launcher.image.matrix import load_matrix
 
     for entry in load_matrix().values():
         assert ascend_versions.check_cann(entry.mindspore.version, entry.cann.version) is None, entry.id

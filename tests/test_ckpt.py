@@ -11,7 +11,8 @@ import pytest
 import yaml
 from conftest import EXAMPLES, REPO, free_port, only_run, run_launcher
 
-from launcher import ckpt, ckpt_lora
+from launcher.ckpt import merge as ckpt
+from launcher.ckpt import lora as ckpt_lora
 from launcher.errors import ConfigError, LauncherError
 
 ms = pytest.importorskip("mindspore")

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from conftest import EXAMPLES, REPO, assert_lora_checkpoints, free_port, only_run, run_launcher
 
-from launcher import data_prepare, dataset
-from launcher.dataset import mindrecord_files
-from launcher.data_prepare import prepare
-from launcher.tokenization import IGNORE_INDEX, SYSTEM_PROMPT, encode_rows, load_tokenizer
+from launcher.data import prepare as data_prepare
+from launcher.data import mindrecord as dataset
+from launcher.data.mindrecord import mindrecord_files
+from launcher.data.prepare import prepare
+from launcher.data.tokenization import IGNORE_INDEX, SYSTEM_PROMPT, encode_rows, load_tokenizer
 
 GOLDEN = REPO / "tests" / "golden" / "data_prepare"
 

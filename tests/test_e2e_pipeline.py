@@ -11,7 +11,7 @@ import yaml
 from conftest import EXAMPLES, conversation_rows, free_port, only_run, run_launcher, use_prepared_data
 from test_ckpt import logits, tiny_models
 
-from launcher.tokenization import SYSTEM_PROMPT
+from launcher.data.tokenization import SYSTEM_PROMPT
 
 @pytest.mark.e2e
 def test_prepare_train_filter_merge_fold_predict(tmp_path, tiny_sp_tokenizer, monkeypatch):

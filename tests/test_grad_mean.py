@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import EXAMPLES, REPO, free_port, only_run, run_launcher
 
-from launcher import dataset
+from launcher.data import mindrecord as dataset
 
 pytestmark = pytest.mark.e2e
 

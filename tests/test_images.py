@@ -16,8 +16,8 @@ import yaml
 from conftest import require_tool, run_launcher
 
 from launcher.errors import ConfigError
-from launcher.image_build import DEFAULT_TAG, build_command, build_script, dockerfile
-from launcher.images import load_matrix, matrix_path
+from launcher.image.build import DEFAULT_TAG, build_command, build_script, dockerfile
+from launcher.image.matrix import load_matrix, matrix_path
 
 GOLDEN = Path(__file__).parent / "golden" / "images"
 MATRIX = load_matrix()

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import EXAMPLES
-from launcher.backends.k8s_objects import run_objects, set_owner
+from launcher.backends.k8s.objects import run_objects, set_owner
 from launcher.errors import ConfigError
 from launcher.k8s_manifests import OWNER_UID
 from launcher.plan import build_plan

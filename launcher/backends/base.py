@@ -22,8 +22,8 @@ from launcher.plan import LaunchPlan
 from launcher.runs import RunRecord
 from launcher.spec import Job
 
-_CLASSES = {"local": "launcher.backends.local:LocalBackend", "ssh": "launcher.backends.ssh_backend:SshBackend",
-            "k8s": "launcher.backends.k8s_ops:K8sBackend"}
+_CLASSES = {"local": "launcher.backends.local:LocalBackend", "ssh": "launcher.backends.ssh.backend:SshBackend",
+            "k8s": "launcher.backends.k8s.backend:K8sBackend"}
 
 
 @dataclass

@@ -46,7 +46,7 @@ def filter_cmd(run: str, force: bool, runs_dir: str) -> None:
     current_iterator_step, last_overflow_iterator_step or global_batch_size are dropped.
     Writes runs/<id>/filtered/rank_N/<name>.ckpt and prints each rank's size before and after.
     """
-    from launcher import ckpt
+    from launcher.ckpt import merge as ckpt
 
     run_dir = find_run(run, Path(runs_dir))
     with err.status(f"filtering {run_dir.name}…"):
@@ -76,7 +76,7 @@ def merge_cmd(run: str, atol: float, force: bool, runs_dir: str) -> None:
     rank's parameters must equal rank 0's, which is taken. Reads filtered/ if it is there,
     else filters on the fly. Writes runs/<id>/merged/<name>.ckpt and <name>.ckpt.sha256.
     """
-    from launcher import ckpt
+    from launcher.ckpt import merge as ckpt
 
     run_dir = find_run(run, Path(runs_dir))
     with err.status(f"merging {run_dir.name}…"):
@@ -104,7 +104,7 @@ def merge_lora_cmd(run: str, base: str, adapter: str | None, force: bool, runs_d
     base checkpoint's parameters with every adapted weight folded, no LoRA and no optimizer keys:
     a plain model checkpoint. Writes runs/<id>/merged-lora/<name>.ckpt and <name>.ckpt.sha256.
     """
-    from launcher import ckpt_lora
+    from launcher.ckpt import lora as ckpt_lora
 
     run_dir = find_run(run, Path(runs_dir))
     with err.status(f"folding the LoRA of {run_dir.name}…"):

@@ -65,7 +65,7 @@ def prepare_cmd(job_file: str, output: str | None, force: bool, strict: bool, wo
     (--strict: an error). An existing output is only replaced with --force; a cached dataset
     whose inputs have not changed is reused as it is.
     """
-    from launcher import data_cache
+    from launcher.data import cache as data_cache
     from launcher.errors import ConfigError
     from launcher.spec import load_job
 

@@ -32,8 +32,8 @@ def image(ctx: click.Context, matrix_file: str | None) -> None:
 @reports_errors
 def image_list(matrix_file: str | None) -> None:
     """Show the entries of the image matrix."""
-    from launcher.image_build import entry_rows
-    from launcher.images import load_matrix
+    from launcher.image.build import entry_rows
+    from launcher.image.matrix import load_matrix
 
     rows = entry_rows(load_matrix(matrix_file))
     table = Table(title="image matrix")
@@ -51,8 +51,8 @@ def image_list(matrix_file: str | None) -> None:
 @reports_errors
 def image_render(matrix_file: str | None, entry_id: str, output: str) -> None:
     """Write the Dockerfile of ENTRY and the build.sh that builds it."""
-    from launcher.image_build import build_script, dockerfile, required_files
-    from launcher.images import get_entry, load_matrix
+    from launcher.image.build import build_script, dockerfile, required_files
+    from launcher.image.matrix import get_entry, load_matrix
 
     entry = get_entry(load_matrix(matrix_file), entry_id)
     target = Path(output)
@@ -85,8 +85,8 @@ def image_build(matrix_file: str | None, entry_id: str, context_dir: str, arch: 
     import subprocess
     import tempfile
 
-    from launcher import image_build as ib
-    from launcher.images import get_entry, load_matrix
+    from launcher.image import build as ib
+    from launcher.image.matrix import get_entry, load_matrix
 
     entry = get_entry(load_matrix(matrix_file), entry_id)
     engine = ib.find_engine()

@@ -204,7 +204,7 @@ def dataset() -> None:
 @reports_errors
 def dataset_tiny(path: str, force: bool) -> None:
     """Write the demo MindRecord for the tiny model to PATH (byte tokens of the shipped text)."""
-    from launcher.dataset import write_tiny
+    from launcher.data.mindrecord import write_tiny
 
     count = write_tiny(Path(path), force=force)
     out.print(f"wrote {count} records to {path}")

@@ -30,7 +30,7 @@ def predict_cmd(run: str, prompts: tuple[str, ...], checkpoint: str | None, toke
     where incremental decoding has no kernels, each step recomputes the sequence), greedy.
     Logs go to runs/<id>/predict/predict.log, the answers to runs/<id>/predict/result.json.
     """
-    from launcher.predict import predict
+    from launcher.ckpt.predict import predict
 
     run_dir = find_run(run, Path(runs_dir))
     with err.status(f"loading {run_dir.name} and generating…"):

@@ -26,7 +26,7 @@ def _tokenizer(path):
         # `launcher data prepare` tokenized the dataset with.
         from mindformers import PreTrainedTokenizerFast
 
-        from launcher.tokenization import ByteLevelBpeTokenizer
+        from launcher.data.tokenization import ByteLevelBpeTokenizer
 
         bpe = ByteLevelBpeTokenizer(Path(path)).tok
         return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from launcher.ckpt import MERGED_DIR, RUN_CONFIG, latest_checkpoint
-from launcher.ckpt_lora import MERGED_LORA_DIR
+from launcher.ckpt.merge import MERGED_DIR, RUN_CONFIG, latest_checkpoint
+from launcher.ckpt.lora import MERGED_LORA_DIR
 from launcher.errors import ConfigError, LauncherError
 
 # Folded LoRA first: it is the model people deploy. Then the merged checkpoint of the run.
 CHECKPOINT_DIRS = (MERGED_LORA_DIR, MERGED_DIR)
-ENTRYPOINT = Path(__file__).resolve().parent / "entrypoints" / "predict.py"
+ENTRYPOINT = Path(__file__).resolve().parent.parent / "entrypoints" / "predict.py"
 
 
 def find_checkpoint(run_dir: Path, given: str | None) -> Path:
@@ -65,7 +65,7 @@ def predict(run_dir: Path, prompts: list[str], checkpoint: str | None, tokenizer
     "answer" is what the model wrote after "ASSISTANT:"; without it the prompt is continued as text.
     """
     if chat:
-        from launcher.tokenization import chat_prompt
+        from launcher.data.tokenization import chat_prompt
 
         prompts = [chat_prompt(p) for p in prompts]
     config = run_dir / RUN_CONFIG

@@ -10,16 +10,17 @@ from pathlib import Path
 import asyncssh
 
 from launcher import gather as local_gather
-from launcher import transport
-from launcher.backends.ssh import NodeState, SshRun, remote_run_dir
+from launcher.backends.ssh import transport
+from launcher.backends.ssh.session import NodeState, SshRun, remote_run_dir
 from launcher.errors import BackendError, TransportError
 
 _FETCH_CHUNK = 32 << 20
 _BLOCK = 255 << 10  # the largest read OpenSSH's sftp-server answers in one request
 
 
-async def gather(run: SshRun) -> list[str]:
-    """Copy every rank's files from every reachable node, verified by sha256. Returns problems."""
+async def gather(run: SshRun, report_lost: bool = True) -> list[str]:
+    """Copy every rank's files from every reachable node, verified by sha256. Returns problems (with
+    report_lost, also the nodes lost during the run)."""
 
     async def one(state: NodeState) -> None:
         node, base = state.node, remote_run_dir(state.step, run.record.run_id)
@@ -43,8 +44,9 @@ async def gather(run: SshRun) -> list[str]:
     reachable = [s for s in run.nodes if not s.lost and s.node]
     _, errors = await transport.gather_results(one(s) for s in reachable)
     problems = [line for line in run.per_node("could not gather from", errors).splitlines()[1:]] if errors else []
-    problems += [f"node {s.step.index} ({s.step.host}) is lost; nothing gathered from it"
-                 for s in run.nodes if s.lost]
+    if report_lost:
+        problems += [f"node {s.step.index} ({s.step.host}) is lost; nothing gathered from it"
+                     for s in run.nodes if s.lost]
     return problems
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import ConfigError
-from launcher.images import PLATFORMS, ROOT_ONLY, ImageEntry
+from launcher.image.matrix import PLATFORMS, ROOT_ONLY, ImageEntry
 from launcher.render import render_template
 
 ENGINES = ("docker", "buildah", "podman")  # tried in this order

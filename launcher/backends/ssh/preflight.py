@@ -9,8 +9,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launcher import ascend, transport
-from launcher.backends.ssh import (
+from launcher import ascend
+from launcher.backends.ssh import transport
+from launcher.backends.ssh.session import (
     NODECTL,
     NODECTL_SOURCE,
     STOP_GRACE,

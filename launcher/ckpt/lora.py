@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import ckpt
+from launcher.ckpt import merge as ckpt
 from launcher.errors import ConfigError, LauncherError
 from launcher.runs import MERGED_LORA_DIR
 

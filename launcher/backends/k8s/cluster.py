@@ -1,7 +1,7 @@
 """The Kubernetes backend: create the plan's objects with the official client, watch the pods, gather, delete.
 
 Objects are created in dependency order (the ConfigMap that owns the rest first, the pods last), with
-names `<job>-<short run id>` and the label `launcher/run-id=<run id>` (k8s_objects.py). Pods are
+names `<job>-<short run id>` and the label `launcher/run-id=<run id>` (objects.py). Pods are
 watched with watch streams that the server closes after WATCH_SECONDS (timeoutSeconds); each stream
 starts with the full state of the run's pods, so no resourceVersion is carried between streams.
 The pods' logs (the log subresource) feed the live view and ranks/rank_N/console.log; the files under
@@ -23,7 +23,7 @@ from rich.console import Console
 
 from launcher import gather
 from launcher.backends.base import teardown_shield
-from launcher.backends.k8s_objects import RANK_LABEL, RUN_LABEL, output_claim, run_objects, set_owner
+from launcher.backends.k8s.objects import RANK_LABEL, RUN_LABEL, output_claim, run_objects, set_owner
 from launcher.errors import BackendError
 from launcher.liveview import LiveView
 from launcher.plan import STATUS_DIR, LaunchPlan

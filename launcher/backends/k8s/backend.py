@@ -10,8 +10,8 @@ from rich.console import Console
 
 from launcher import gather
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status, sigterm_as_interrupt
-from launcher.backends.k8s import MIRROR_DIR, WATCH_SECONDS, KubeRun, Target, execute, phase, reconnect
-from launcher.backends.k8s_objects import short_id
+from launcher.backends.k8s.cluster import MIRROR_DIR, WATCH_SECONDS, KubeRun, Target, execute, phase, reconnect
+from launcher.backends.k8s.objects import short_id
 from launcher.errors import LauncherError
 from launcher.liveview import LiveView
 from launcher.plan import LaunchPlan
@@ -71,7 +71,7 @@ def down(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> list[str]:
 
 
 class K8sBackend(Backend):
-    """The ranks as pods, created through the Kubernetes API (launcher/backends/k8s.py)."""
+    """The ranks as pods, created through the Kubernetes API (cluster.py)."""
 
     name = "k8s"
     OPTIONS = ("kubeconfig", "context", "namespace", "pvc_dir", "replace", "pending_timeout")

@@ -2,7 +2,7 @@
 
 images/matrix.yaml lists them. This module loads the matrix and validates every entry: pydantic for
 the shape, then the checks that span several fields (MindSpore/MindFormers compatibility, CANN
-package names, pins). launcher/image_build.py turns an entry into its Dockerfile and build command.
+package names, pins). launcher/image/build.py turns an entry into its Dockerfile and build command.
 """
 
 from __future__ import annotations

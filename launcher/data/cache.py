@@ -53,7 +53,7 @@ def absolute_data(data: Data, base: Path) -> Data:
 
 
 def content_hash(data: Data, length: int) -> str:
-    from launcher.tokenization import TEMPLATE_VERSION, tokenizer_files
+    from launcher.data.tokenization import TEMPLATE_VERSION, tokenizer_files
 
     source = Path(data.source)
     if not source.is_file():
@@ -99,7 +99,7 @@ def resolve_data(job: Job, base: Path, pvc_dir: Path | None = None) -> tuple[Job
 def prepare_job(job: Job, out: Path, progress=None, workers: int | None = None, strict: bool = False,
                 force: bool = False):
     """Prepare the job's data: section into `out`; the options add to the section's own settings."""
-    from launcher.data_prepare import default_workers, prepare
+    from launcher.data.prepare import default_workers, prepare
 
     data = job.data
     return prepare(Path(data.source), data.format, Path(data.tokenizer), out, record_length(job),

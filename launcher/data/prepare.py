@@ -184,14 +184,14 @@ _WORKER: dict = {}
 
 
 def init_worker(tokenizer_path: str, fmt: str, length: int) -> None:
-    from launcher.tokenization import load_tokenizer
+    from launcher.data.tokenization import load_tokenizer
 
     _WORKER.update(tokenizer=load_tokenizer(tokenizer_path), fmt=fmt, length=length)
 
 
 def encode_chunk(chunk: list[tuple[int, object]]):
     """(input_ids [n, L], labels [n, L], truncated line numbers, [(line, reason)] of bad rows)."""
-    from launcher.tokenization import encode_rows
+    from launcher.data.tokenization import encode_rows
 
     fmt, tokenizer, length = _WORKER["fmt"], _WORKER["tokenizer"], _WORKER["length"]
     good, turns, bad = [], [], []
@@ -268,7 +268,7 @@ def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, wor
 
     Bad rows are skipped and listed in the report, or with `strict` end the run with nothing written.
     """
-    from launcher.dataset import refuse_existing
+    from launcher.data.mindrecord import refuse_existing
 
     source, out = Path(source), Path(out)
     if not source.is_file():
@@ -276,7 +276,7 @@ def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, wor
     if fmt not in (*INSTRUCTION_KEYS, "conversation"):
         raise ConfigError(f"data.format: unknown format '{fmt}'")
     refuse_existing(out, force)
-    from launcher.tokenization import load_tokenizer
+    from launcher.data.tokenization import load_tokenizer
 
     load_tokenizer(tokenizer)  # fail here, with one clear line, rather than in every worker
     report = Report(out)
@@ -299,7 +299,7 @@ def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, wor
 
 
 def _write(out: Path, fmt: str, length: int, results, source: Path, strict: bool, report: Report, progress):
-    from launcher.dataset import PREPARED_PAGES, atomic_mindrecord_dir
+    from launcher.data.mindrecord import PREPARED_PAGES, atomic_mindrecord_dir
 
     with atomic_mindrecord_dir(out, f"{fmt} conversations, vicuna template, {length} tokens", **PREPARED_PAGES) as write:
         done = 0

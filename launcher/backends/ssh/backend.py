@@ -1,7 +1,7 @@
 """The SSH backend as the runner sees it: the flow of a run over SSH, and reaching a run again.
 
-The pieces it puts together: ssh.py (the connections to the nodes and what is done on them),
-ssh_preflight.py (what every node must offer) and ssh_gather.py (the ranks' files, verified).
+The pieces it puts together: session.py (the connections to the nodes and what is done on them),
+preflight.py (what every node must offer) and gather.py (the ranks' files, verified).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launcher.backends import ssh_gather, ssh_preflight
+from launcher.backends.ssh import gather as ssh_gather
+from launcher.backends.ssh import preflight as ssh_preflight
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status
-from launcher.backends.ssh import MIRROR_DIR, SshRun
+from launcher.backends.ssh.session import MIRROR_DIR, SshRun
 from launcher.errors import LauncherError
 from launcher.plan import LaunchPlan
 from launcher.spec import Job
@@ -116,7 +117,7 @@ async def _execute(run: SshRun) -> tuple[list[str], str]:
 
 
 async def _gather_again(run: SshRun) -> list[str]:
-    return run.unreachable() + [p for p in await ssh_gather.gather(run) if "is lost" not in p]
+    return run.unreachable() + await ssh_gather.gather(run, report_lost=False)
 
 
 def _reconnect(run: Run, action, **kwargs):

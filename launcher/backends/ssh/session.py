@@ -16,7 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launcher import gather, transport
+from launcher import gather
+from launcher.backends.ssh import transport
 from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, TransportError
 from launcher.liveview import LiveView, rank_exit_codes
@@ -204,8 +205,9 @@ class SshRun:
 
     # --- teardown and gather -----------------------------------------------------------------
 
-    async def teardown(self) -> list[str]:
-        """Stop the run on every reachable node; returns problems (nodes not reached or not stopped)."""
+    async def teardown(self, report_lost: bool = True) -> list[str]:
+        """Stop the run on every reachable node; returns problems (nodes not reached or not stopped, and
+        with report_lost the nodes lost during the run, whose processes may still run)."""
 
         async def one(state: NodeState) -> list[int]:
             return (await self.nodectl(state, "stop", self.record.run_id, "--grace", str(STOP_GRACE),
@@ -219,8 +221,9 @@ class SshRun:
                 problems.append(f"node {state.step.index} ({state.step.host}): could not be reached to stop it")
             elif left:
                 problems.append(f"node {state.step.index} ({state.step.host}): processes {left} would not stop")
-        problems += [f"node {s.step.index} ({s.step.host}) is lost; its processes may still run: "
-                     f"'launcher down {self.record.run_id}' when it is back" for s in self.nodes if s.lost]
+        if report_lost:
+            problems += [f"node {s.step.index} ({s.step.host}) is lost; its processes may still run: "
+                         f"'launcher down {self.record.run_id}' when it is back" for s in self.nodes if s.lost]
         return problems
 
     async def tail(self, rank: int, lines: int = 20) -> str:
@@ -283,7 +286,8 @@ class SshRun:
         return self.unreachable()
 
     async def do_down(self, purge: bool) -> list[str]:
-        problems = [p for p in await self.teardown() if "is lost" not in p] + self.unreachable()
+        # Nodes that cannot be reached now are reported as unreachable, not as lost during a run.
+        problems = await self.teardown(report_lost=False) + self.unreachable()
         if purge and not problems:
             for state in self.nodes:
                 target = remote_run_dir(state.step, self.record.run_id)

@@ -1,0 +1,1 @@
+"""The Kubernetes backend: objects (names and owners) -> cluster (the API) -> backend."""
