@@ -10,12 +10,13 @@ import yaml
 
 from launcher.errors import ConfigError
 from launcher.render import data_dir
+from launcher import runs
 from launcher.models import TARGET_RELEASE, release_line
 from launcher.schema import did_you_mean
 from launcher.spec import Job, mindformers_release
 
 # Where MindFormers writes, relative to each node's work directory.
-OUTPUT_DIR = "./output"
+OUTPUT_DIR = f"./{runs.OUTPUT_DIR}"
 
 
 def base_config_path(job: Job) -> Path:
@@ -58,7 +59,7 @@ def build(job: Job) -> dict:
     )
     loader = cfg["train_dataset"]["data_loader"]
     if job.dataset.path is None:  # a data: section is resolved to its prepared file before planning
-        raise ConfigError("dataset.path: not set; the data: section was not resolved (see data_cache.resolve_data)")
+        raise ConfigError("dataset.path: not set; the data: section was not resolved (see runner.load)")
     loader["dataset_dir"] = job.dataset.path
     loader["shuffle"] = job.dataset.shuffle
     if "train_dataset_task" in cfg:

@@ -18,6 +18,7 @@ from typing import Mapping
 from launcher import helm_values, k8s_ascend, k8s_manifests, mfconfig, ranktable
 from launcher.errors import ConfigError
 from launcher.render import render_template, to_json, to_yaml
+from launcher.runs import OUTPUT_DIR
 from launcher.models import BIND_CORE_FROM, MODELS, MODULES_ENV, modules_env, release_line
 from launcher.spec import Job, mindformers_release, runs_in_image
 
@@ -27,7 +28,7 @@ ENV_PATH = "env/job.env"
 ENTRYPOINT_PATH = "entrypoint/finetune.py"
 RANKTABLE_PATH = "ranktable/hccl.json"
 # Where the launcher's own per-rank files go, under the node's work directory.
-STATUS_DIR = "output/launcher"
+STATUS_DIR = f"{OUTPUT_DIR}/launcher"
 _ENTRYPOINT_SOURCE = Path(__file__).parent / "entrypoints" / "finetune.py"
 
 

@@ -43,20 +43,23 @@ class Finished:
         return base.exit_code(self.run.record, self.outcome.problems)
 
 
-def load(job_file: str, pvc_dir: str | None = None) -> tuple[Job, Path | None]:
-    """The job with its paths resolved for its backend, and the dataset its data: section prepares
-    (None without one). dataset.path is set to that dataset here, before planning, so the plan stays pure."""
+def load(job_file: str, options: dict | None = None) -> tuple[Job, Path | None, Backend]:
+    """The job with its paths resolved for its backend, the dataset its data: section prepares (None
+    without one), and the backend. dataset.path is set here, before planning, so the plan stays pure."""
     job = load_job(job_file)
-    job = base.get(job.cluster.backend).resolve_paths(job, Path.cwd())
+    backend = base.get(job.cluster.backend, **(options or {}))
+    job = backend.resolve_paths(job, Path.cwd())
     if job.data is None:
-        return job, None
-    from launcher.data.cache import resolve_data
+        return job, None, backend
+    from launcher.data.cache import resolve_data, with_dataset
 
-    return resolve_data(job, Path.cwd(), Path(pvc_dir).resolve() if pvc_dir else None)
+    job, cached = resolve_data(job, Path.cwd())
+    dataset_path, prepared = backend.place_dataset(cached)
+    return with_dataset(job, dataset_path), prepared, backend
 
 
 def render(job_file: str, output: str | None) -> tuple[LaunchPlan, Path]:
-    job, _ = load(job_file)
+    job, _, _ = load(job_file)
     plan = build_plan(job)
     target = Path(output or f"rendered/{job.name}")
     if target.exists() and any(target.iterdir()) and not (target / "plan.json").exists():
@@ -65,18 +68,16 @@ def render(job_file: str, output: str | None) -> tuple[LaunchPlan, Path]:
     return plan, target
 
 
-def prepare_data(job_file: str, pvc_dir: str | None, events: Events) -> tuple[Job, Path | None]:
+def prepare_data(job_file: str, options: dict, events: Events) -> tuple[Job, Path | None, Backend]:
     """load, and the job's data: section prepared (or found in the cache) before anything starts."""
-    job, path = load(job_file, pvc_dir)
+    job, path, backend = load(job_file, options)
     if path is None:
-        return job, None
-    if job.cluster.backend == "k8s" and not pvc_dir:
-        raise ConfigError(f"data: the pods read the prepared dataset from the claim {job.cluster.k8s.output_pvc!r}; "
-                          "mount it on this machine and pass --pvc-dir (the dataset goes to <pvc-dir>/data/)")
-    from launcher.data import cache as data_cache
+        return job, None, backend
+    backend.check_data(job)
+    from launcher.data.cache import ensure_prepared
 
-    events.data_prepared(path, data_cache.ensure_prepared(job, path, events.progress))
-    return job, path
+    events.data_prepared(path, ensure_prepared(job, path, events.progress))
+    return job, path, backend
 
 
 def up(job: str, runs_dir: Path, options: dict, events: Events) -> Finished:
@@ -88,8 +89,7 @@ def up(job: str, runs_dir: Path, options: dict, events: Events) -> Finished:
         backend = base.get(plan.backend, **options)
         backend.check_plan(plan)
     else:
-        spec, data_path = prepare_data(job, options.get("pvc_dir"), events)
-        backend = base.get(spec.cluster.backend, **options)
+        spec, data_path, backend = prepare_data(job, options, events)
         backend.check_host(spec)
         plan = build_plan(spec)
         completed = backend.complete(spec, plan, runs_dir, events)
@@ -97,9 +97,10 @@ def up(job: str, runs_dir: Path, options: dict, events: Events) -> Finished:
             plan = build_plan(completed)
     run = _new_run(plan, runs_dir, backend, events)
     if data_path is not None:
-        from launcher.data.cache import stage_into_run
+        from launcher.data.cache import record_run_data
 
-        stage_into_run(spec, data_path, run.dir)
+        record_run_data(spec, data_path, run.dir)
+        backend.stage_dataset(data_path, run.dir)
     try:
         outcome = backend.execute(run, events)
     except LauncherError:

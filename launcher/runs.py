@@ -15,6 +15,8 @@ from launcher.errors import ConfigError
 
 RUN_FILE = "run.json"
 PLAN_DIR = "plan"
+# MindFormers' output in each node's work directory (a local run's work directory is its run directory).
+OUTPUT_DIR = "output"
 # A dataset prepared on this machine for a remote run: staged with the plan, read as data/<file> on the nodes.
 RUN_DATA_DIR = "data"
 DATA_RECORD = "data.json"  # what the run trained on (predict reads the tokenizer from it)

@@ -79,6 +79,17 @@ class Backend(ABC):
         """The job with its paths as the ranks will see them (remote backends: as written)."""
         return job
 
+    def place_dataset(self, prepared: Path) -> tuple[str, Path]:
+        """For a dataset prepared on this machine (its cache directory): the dataset.path the ranks
+        read, and where it is prepared. Here: the cache directory itself."""
+        return str(prepared), prepared
+
+    def check_data(self, job: Job) -> None:
+        """What `up` needs to put a prepared dataset where the ranks read it."""
+
+    def stage_dataset(self, prepared: Path, run_dir: Path) -> None:
+        """Put the prepared dataset where the run's nodes get it (remote backends stage the run directory)."""
+
     def check_host(self, job: Job) -> None:
         """What this machine must offer before the run is planned (nothing, for remote backends)."""
 

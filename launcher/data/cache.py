@@ -17,11 +17,10 @@ import shutil
 from pathlib import Path
 
 from launcher.errors import ConfigError
-from launcher.runs import DATA_RECORD, RUN_DATA_DIR
+from launcher.runs import DATA_RECORD
 from launcher.job_sections import Data
 from launcher.spec import Job
 
-OUTPUT_DIR = "output"  # where each k8s pod mounts the job's claim, relative to its working directory
 
 
 
@@ -72,28 +71,17 @@ def cache_path(job: Job, length: int) -> Path:
     return Path(job.data.cache_dir) / f"{job.name}-{content_hash(job.data, length)[:12]}"
 
 
-def resolve_data(job: Job, base: Path, pvc_dir: Path | None = None) -> tuple[Job, Path | None]:
-    """The job with dataset.path set to its prepared file, and that file (None without a data: section).
-
-    For the local backend dataset.path is the file itself. For SSH it is `data/<file>`, relative to
-    the run directory on each node, where the backend stages the run's `data/` folder (see
-    stage_into_run). For Kubernetes the file is written to the job's claim, mounted here at pvc_dir,
-    under data/; the pods mount the claim at output/ in their working directory, so they read
-    `output/data/<file>`. Without pvc_dir the returned file only names the dataset (render).
-    """
+def resolve_data(job: Job, base: Path) -> tuple[Job, Path | None]:
+    """The job with its data: paths absolute, and the cache directory its prepared dataset goes to
+    (None without a data: section). Where the ranks read it is the backend's to say (place_dataset)."""
     if job.data is None:
         return job, None
-    data = absolute_data(job.data, base)
-    job = job.model_copy(update={"data": data})
-    path = cache_path(job, record_length(job))
-    dataset_path = str(path)
-    if job.cluster.backend == "ssh":
-        dataset_path = f"{RUN_DATA_DIR}/{path.name}"
-    elif job.cluster.backend == "k8s":
-        dataset_path = f"{OUTPUT_DIR}/{RUN_DATA_DIR}/{path.name}"
-        if pvc_dir is not None:
-            path = pvc_dir / RUN_DATA_DIR / path.name
-    return job.model_copy(update={"dataset": job.dataset.model_copy(update={"path": dataset_path})}), path
+    job = job.model_copy(update={"data": absolute_data(job.data, base)})
+    return job, cache_path(job, record_length(job))
+
+
+def with_dataset(job: Job, dataset_path: str) -> Job:
+    return job.model_copy(update={"dataset": job.dataset.model_copy(update={"path": dataset_path})})
 
 
 def prepare_job(job: Job, out: Path, progress=None, workers: int | None = None, strict: bool = False,
@@ -115,14 +103,16 @@ def ensure_prepared(job: Job, path: Path, progress_factory=None):
         return prepare_job(job, path, progress, force=True)
 
 
-def stage_into_run(job: Job, path: Path, run_dir: Path) -> None:
-    """Record what the run trains on (data.json), and for SSH put the files in the run's data/ folder."""
+def record_run_data(job: Job, path: Path, run_dir: Path) -> None:
+    """Record what the run trains on (data.json)."""
     record = {"source": job.data.source, "format": job.data.format, "tokenizer": job.data.tokenizer,
               "dataset": str(path), "record_length": record_length(job)}
     (run_dir / DATA_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    if job.cluster.backend == "ssh":
-        # The cache and the run share the bytes where they can (hard links).
-        shutil.copytree(path, run_dir / RUN_DATA_DIR / path.name, copy_function=_link_or_copy)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """A copy of a prepared dataset that shares the bytes with it where it can (hard links)."""
+    shutil.copytree(src, dst, copy_function=_link_or_copy)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -12,10 +12,11 @@ from launcher import gather
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status, sigterm_as_interrupt
 from launcher.backends.k8s.cluster import MIRROR_DIR, WATCH_SECONDS, KubeRun, Target, execute, phase, reconnect
 from launcher.backends.k8s.objects import short_id
-from launcher.errors import LauncherError
+from launcher.errors import ConfigError, LauncherError
 from launcher.liveview import LiveView
 from launcher.plan import LaunchPlan
-from launcher.runs import RunRecord
+from launcher.runs import OUTPUT_DIR, RUN_DATA_DIR, RunRecord
+from launcher.spec import Job
 
 
 def status(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> tuple[list[str], LiveView]:
@@ -83,6 +84,18 @@ class K8sBackend(Backend):
 
     def where(self, plan: LaunchPlan) -> str:
         return "Kubernetes"
+
+    def place_dataset(self, prepared: Path) -> tuple[str, Path]:
+        """The dataset goes on the job's claim, mounted here at pvc_dir, under data/; the pods mount the
+        claim at output/ in their working directory. Without pvc_dir it only names the dataset (render)."""
+        name = prepared.name
+        target = Path(self.target.pvc_dir) / RUN_DATA_DIR / name if self.target.pvc_dir else prepared
+        return f"{OUTPUT_DIR}/{RUN_DATA_DIR}/{name}", target
+
+    def check_data(self, job: Job) -> None:
+        if not self.target.pvc_dir:
+            raise ConfigError(f"data: the pods read the prepared dataset from the claim {job.cluster.k8s.output_pvc!r}; "
+                              "mount it on this machine and pass --pvc-dir (the dataset goes to <pvc-dir>/data/)")
 
     def rank_location(self, run: Run, rank: int) -> str:
         return f"pod {run.plan.job_name}-{short_id(run.record.run_id, run.plan.job_name)}-rank-{rank}"

@@ -17,8 +17,10 @@ from launcher.backends.ssh import gather as ssh_gather
 from launcher.backends.ssh import preflight as ssh_preflight
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status
 from launcher.backends.ssh.session import MIRROR_DIR, SshRun
+from launcher.data.cache import link_tree
 from launcher.errors import LauncherError
 from launcher.plan import LaunchPlan
+from launcher.runs import RUN_DATA_DIR
 from launcher.spec import Job
 
 
@@ -34,6 +36,13 @@ class SshBackend(Backend):
 
     def where(self, plan: LaunchPlan) -> str:
         return f"{len(plan.nodes)} nodes over SSH"
+
+    def place_dataset(self, prepared: Path) -> tuple[str, Path]:
+        # Staged with the run to every node, read relative to the node's run directory.
+        return f"{RUN_DATA_DIR}/{prepared.name}", prepared
+
+    def stage_dataset(self, prepared: Path, run_dir: Path) -> None:
+        link_tree(prepared, run_dir / RUN_DATA_DIR / prepared.name)
 
     def complete(self, job: Job, plan: LaunchPlan, runs_dir: Path, events: Events) -> Job:
         """Rank-table jobs on Ascend without device IPs: read them from the nodes, so that the plan can
