@@ -3,19 +3,24 @@
 Each host is `ip netns` + `unshare --pid --mount-proc`, so its processes are invisible to the other
 hosts, and killing its sshd (PID 1 of the host) ends everything that ran there, as a lost machine would.
 The hosts share this machine's filesystem, so each node gets its own work directory.
+The bridge, namespaces and addresses have fixed names, so one cluster exists at a time on a machine:
+build() holds an exclusive lock (flock) until teardown(), and a second test session waits for it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SUBNET = "10.231.0"
 BRIDGE = "lch-br0"
+LOCK = Path("/run/lock" if Path("/run/lock").is_dir() else tempfile.gettempdir()) / "lch-sshcluster.lock"
 
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -76,9 +81,31 @@ class Cluster:
     identity_file: Path
     known_hosts: Path
     hosts: list[Host] = field(default_factory=list)
+    lock: object = None  # the open LOCK file while the cluster exists
+    lock_wait: float = 0.0  # seconds build() waited for another session's cluster
+
+
+def _exclusive_lock():
+    lock = open(LOCK, "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
 
 
 def build(root: Path, count: int) -> Cluster:
+    started = time.monotonic()
+    lock = _exclusive_lock()
+    waited = time.monotonic() - started
+    try:
+        cluster = _build(root, count)
+    except BaseException:
+        teardown(count + 4)
+        lock.close()
+        raise
+    cluster.lock, cluster.lock_wait = lock, waited
+    return cluster
+
+
+def _build(root: Path, count: int) -> Cluster:
     root.mkdir(parents=True, exist_ok=True)
     teardown(count + 4)  # leftovers from an earlier, interrupted test run
     key = root / "id_ed25519"
@@ -145,3 +172,6 @@ def teardown(count: int, cluster: Cluster | None = None) -> None:
         run("ip", "netns", "del", f"lch-n{i}", check=False)
         run("ip", "link", "del", f"lch-p{i}", check=False)
     run("ip", "link", "del", BRIDGE, check=False)
+    if cluster and cluster.lock:
+        cluster.lock.close()
+        cluster.lock = None

@@ -1,11 +1,12 @@
 """End-to-end on Kubernetes: the launcher's official-client backend over HTTP against an API emulator,
 with a pod runner playing the kubelet (both test doubles, see k8scluster.py); the ranks are real
-MindSpore/MindFormers processes."""
+MindSpore/MindFormers processes.
 
-import json
-import math
+What every backend does (train and gather, a failing rank, Ctrl-C and SIGTERM, status/logs/gather/down
+from new processes) is in test_backend_contract.py; here is what only the Kubernetes backend has.
+"""
+
 import os
-import signal
 import subprocess
 import time
 
@@ -22,7 +23,6 @@ from conftest import (
     run_launcher,
     use_prepared_data,
 )
-from launcher import gather
 from launcher.runs import RunRecord
 
 pytestmark = pytest.mark.e2e
@@ -66,35 +66,6 @@ def assert_nothing_left(cluster, run_id):
     assert cluster.runner.errors == []
 
 
-def test_two_rank_pods_train_together(tmp_path, cluster, tiny_dataset):
-    job = write_job(tmp_path, tiny_dataset)
-    result = up(tmp_path, cluster, job)
-    assert result.returncode == 0, result.stdout + result.stderr
-    run_dir = only_run(tmp_path)
-    run_id = run_dir.name
-    assert_lora_checkpoints(run_dir, world=2)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    for rank in ("0", "1"):
-        assert summary["ranks"][rank]["steps"] == 16 and math.isfinite(summary["ranks"][rank]["last_loss"])
-        console = (run_dir / "ranks" / f"rank_{rank}" / "console.log").read_text()
-        assert "loss" in console  # the pod's log, read through the API
-    assert gather.verify_manifest(run_dir) == []
-    # Names are unique per run, every object carries the run id, and the pods are owned by the ConfigMap.
-    short = run_id.removeprefix("tiny-lora-k8s-")
-    pods = {name: pod for name, pod in cluster.runner.seen.items() if short in name}
-    assert sorted(pods) == [f"tiny-lora-k8s-{short}-rank-0", f"tiny-lora-k8s-{short}-rank-1"]
-    owners = {pod["metadata"]["ownerReferences"][0]["uid"] for pod in pods.values()}
-    assert len(owners) == 1 and owners != {"00000000-0000-0000-0000-000000000000"}
-    assert all(pod["metadata"]["labels"]["launcher/run-id"] == run_id for pod in pods.values())
-    assert_nothing_left(cluster, run_id)
-    # logs and gather reach the run again; the pods are gone, so logs come from what was gathered.
-    logs = run_launcher("logs", run_id, "--rank", "1", cwd=tmp_path, env=launcher_env(cluster))
-    assert logs.returncode == 0, logs.stderr
-    assert "loss" in logs.stdout
-    again = run_launcher("gather", run_id, cwd=tmp_path, env=launcher_env(cluster))
-    assert again.returncode == 0, again.stdout + again.stderr
-
-
 def test_prepared_dataset_is_read_from_the_claim(tmp_path, cluster, tiny_sp_tokenizer):
     """A data: section is tokenized here onto the claim (--pvc-dir); the pods read it at output/data/."""
     job = write_job(tmp_path, "unused")
@@ -112,22 +83,6 @@ def test_prepared_dataset_is_read_from_the_claim(tmp_path, cluster, tiny_sp_toke
     run_yaml = yaml.safe_load((run_dir / "plan" / "mindformers" / "run.yaml").read_text())
     assert run_yaml["train_dataset"]["data_loader"]["dataset_dir"] == f"output/data/{prepared.name}"
     assert not list((run_dir / "ranks").rglob("*.mindrecord"))  # the dataset is not gathered as output
-    assert_nothing_left(cluster, run_dir.name)
-
-
-def test_failed_pod_stops_the_other(tmp_path, cluster, tiny_dataset):
-    job = write_job(tmp_path, tiny_dataset, env={"LAUNCHER_FAULT": "1:3"})
-    result = up(tmp_path, cluster, job)
-    assert result.returncode == 1, result.stdout + result.stderr
-    run_dir = only_run(tmp_path)
-    short = run_dir.name.removeprefix("tiny-lora-k8s-")
-    assert f"error: rank 1 failed (pod tiny-lora-k8s-{short}-rank-1)" in result.stderr
-    assert "LAUNCHER_FAULT: rank 1 fails at step 3" in result.stderr
-    assert RunRecord.load(run_dir).failed_rank == 1
-    for rank in (0, 1):  # gathered although the run failed
-        assert (run_dir / "ranks" / f"rank_{rank}" / "console.log").is_file()
-        assert (run_dir / "ranks" / f"rank_{rank}" / "log" / "info.log").is_file()
-    assert gather.verify_manifest(run_dir) == []
     assert_nothing_left(cluster, run_dir.name)
 
 
@@ -163,28 +118,6 @@ def test_existing_object_is_refused_unless_replaced(tmp_path, cluster, tiny_data
     replaced = up(tmp_path, cluster, job, "--replace", "--pending-timeout", "2", timeout=120)
     assert "2 pods still Pending" in replaced.stderr, replaced.stdout + replaced.stderr
     assert_nothing_left(cluster, only_run(tmp_path).name)
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_deletes_everything(tmp_path, cluster, tiny_dataset, sig):
-    job = write_job(tmp_path, tiny_dataset)
-    proc = subprocess.Popen([LAUNCHER, "up", str(job), "--pvc-dir", str(cluster.runner.pvc_dir(CLAIM))], cwd=tmp_path,
-                            env=launcher_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while len(list(cluster.runner.pvc_dir(CLAIM).glob("log/rank_*/info.log"))) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.5)
-    run_id = only_run(tmp_path).name
-    live = run_launcher("logs", run_id, cwd=tmp_path, env=launcher_env(cluster))  # from the running pods
-    assert live.returncode == 0, live.stderr
-    assert "[rank 0] " in live.stdout and "[rank 1] " in live.stdout
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
-    run_dir = only_run(tmp_path)
-    assert RunRecord.load(run_dir).state == "interrupted"
-    assert_nothing_left(cluster, run_dir.name)
 
 
 def test_status_and_down_reach_a_running_run(tmp_path, cluster, tiny_dataset):

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncssh
 from rich.console import Console
 
 from launcher import gather
@@ -28,6 +29,7 @@ from launcher.runs import MIRROR_DIR, PLAN_DIR, RUN_DATA_DIR, RunRecord
 NODECTL = "nodectl.py"
 POLL_SECONDS = 1.0
 STOP_GRACE = 10.0
+STOPPED_EXIT = 143  # 128 + SIGTERM: what a shell reports for a script stopped by the launcher
 NODECTL_SOURCE = Path(nodectl.__file__)
 
 
@@ -210,8 +212,11 @@ class SshRun:
         with report_lost the nodes lost during the run, whose processes may still run)."""
 
         async def one(state: NodeState) -> list[int]:
-            return (await self.nodectl(state, "stop", self.record.run_id, "--grace", str(STOP_GRACE),
+            left = (await self.nodectl(state, "stop", self.record.run_id, "--grace", str(STOP_GRACE),
                                        timeout=STOP_GRACE + 30))["left"]
+            if not left:
+                await self.mark_stopped(state)
+            return left
 
         reachable = [s for s in self.nodes if not s.lost and s.node]
         results, _ = await transport.gather_results(one(s) for s in reachable)
@@ -225,6 +230,16 @@ class SshRun:
             problems += [f"node {s.step.index} ({s.step.host}) is lost; its processes may still run: "
                          f"'launcher down {self.record.run_id}' when it is back" for s in self.nodes if s.lost]
         return problems
+
+    async def mark_stopped(self, state: NodeState) -> None:
+        """Write node.exit for a node script that was stopped: start.sh, stopped with it, never does, and
+        whoever follows the run (`logs -f`, `status`) waits for that file."""
+        path = posixpath.join(remote_run_dir(state.step, self.record.run_id), "node.exit")
+        try:
+            async with state.node.sftp.open(path, "x") as f:  # only if the node did not write its own
+                await f.write(f"{STOPPED_EXIT}\n")
+        except (OSError, asyncssh.Error):
+            pass  # it ended by itself and wrote its code, or its run directory is gone
 
     async def tail(self, rank: int, lines: int = 20) -> str:
         slot = self.plan.ranks[rank]
