@@ -6,6 +6,7 @@ The sections themselves are in launcher/job_sections.py. Everything here is pure
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -198,8 +199,14 @@ def mindformers_release(job: Job) -> tuple[str | None, str]:
     return None, "mindformers.version"
 
 
+@functools.cache
+def _shipped_matrix() -> dict:
+    """The shipped image matrix, read and validated once: every plan of a job looks entries up in it."""
+    return images.load_matrix()
+
+
 def matrix_entry(entry_id: str):
-    entries = images.load_matrix()
+    entries = _shipped_matrix()
     if entry_id not in entries:
         raise FieldProblem("image.entry", f"no image '{entry_id}' in the matrix{did_you_mean(entry_id, entries)}; "
                            "see 'launcher image list'")
@@ -213,7 +220,7 @@ def _check_model_support(job: Job) -> None:
         matrix_entry(job.image.entry)
     version, field = mindformers_release(job)
     if version is not None and not model.carried_by(version):
-        able = [e.id for e in images.load_matrix().values() if model.carried_by(e.mindformers.version)]
+        able = [e.id for e in _shipped_matrix().values() if model.carried_by(e.mindformers.version)]
         hint = f" (images with one: {', '.join(able)})" if able else ""
         raise FieldProblem(field, f"{job.model} runs on {model.releases}, not on MindFormers {version}{hint}")
     if version is not None and job.cluster.launch == "msrun" and release_line(version) < release_line(MSRUN_FROM):
