@@ -26,14 +26,16 @@ class Data(Strict):
     """A dataset to prepare on this machine before the ranks start (`launcher data prepare`).
 
     The tokenized MindRecord directory is cached under cache_dir by a hash of the source and tokenizer
-    bytes, the format, the record length and the template version; `up` then trains on it, so
+    bytes, the format, the record length and the template (and its version); `up` then trains on it, so
     dataset.path is not given. Relative paths are relative to the current directory.
     """
 
     source: str = Field(description="input file: a JSON array or JSON lines")
     format: Literal["alpaca", "belle", "novelset", "conversation"]
-    tokenizer: str = Field(description="a sentencepiece tokenizer.model, or a directory with tokenizer.model "
-                           "or vocab.json + merges.txt")
+    tokenizer: str = Field(description="a sentencepiece tokenizer.model, or a directory with tokenizer.json + "
+                           "tokenizer_config.json (Hugging Face), tokenizer.model, or vocab.json + merges.txt")
+    template: Literal["vicuna", "chatml"] = Field("vicuna", description="the chat layout: vicuna (MindFormers' "
+                                                  "Llama data) or chatml (<|im_start|>role ... <|im_end|>: Qwen, SmolLM2)")
     seq_length: int | None = Field(None, ge=8, description="default: the model's seq_length; records hold one more")
     workers: int | None = Field(None, ge=1, description="tokenizing processes; default: the CPU count")
     strict: bool = Field(False, description="a bad row is an error instead of being skipped and reported")

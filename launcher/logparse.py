@@ -2,6 +2,8 @@
 
 A line looks like:
   ... print_output_info: { Epoch:[  1/  1], step:[    3/   16], loss:[5.548754/5.545023], per_step_time: 26ms, ...
+The step counts within the epoch (mindformers/core/callback/callback.py MFLossMonitor, r1.8.0), so the
+run's step is (epoch - 1) × steps per epoch + step, of epochs × steps per epoch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _STEP_RE = re.compile(
-    r"step:\[\s*(?P<step>\d+)/\s*(?P<total>\d+)\],\s*loss:\s*\[?\s*(?P<loss>[-+0-9.eE]+|nan|inf|-inf)"
+    r"(?:Epoch:\[\s*(?P<epoch>\d+)/\s*(?P<epochs>\d+)\],\s*)?step:\[\s*(?P<step>\d+)/\s*(?P<total>\d+)\],\s*loss:\s*\[?\s*(?P<loss>[-+0-9.eE]+|nan|inf|-inf)"
     r"(?:.*?per_step_time:\s*(?P<ms>\d+(?:\.\d+)?)ms)?",
     re.IGNORECASE,
 )
@@ -31,7 +33,10 @@ def parse_line(line: str) -> StepRecord | None:
     if not m:
         return None
     ms = m["ms"]
-    return StepRecord(int(m["step"]), int(m["total"]), float(m["loss"]), float(ms) if ms else None)
+    step, total = int(m["step"]), int(m["total"])
+    if m["epoch"]:
+        step, total = (int(m["epoch"]) - 1) * total + step, int(m["epochs"]) * total
+    return StepRecord(step, total, float(m["loss"]), float(ms) if ms else None)
 
 
 def parse_text(text: str) -> list[StepRecord]:

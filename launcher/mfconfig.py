@@ -13,6 +13,7 @@ from launcher.render import data_dir
 from launcher import runs
 from launcher.models import TARGET_RELEASE, release_line
 from launcher.schema import did_you_mean
+from launcher.weights import imported
 from launcher.spec import Job, mindformers_release
 
 # Where MindFormers writes, relative to each node's work directory.
@@ -22,7 +23,8 @@ OUTPUT_DIR = f"./{runs.OUTPUT_DIR}"
 def base_config_path(job: Job) -> Path:
     if job.mindformers.base:
         return Path(job.mindformers.base)
-    return data_dir("configs") / "mindformers" / job.model / f"{job.method}.yaml"
+    model = imported.BASE_MODELS[job.cluster.device] if imported.is_imported(job.model) else job.model
+    return data_dir("configs") / "mindformers" / model / f"{job.method}.yaml"
 
 
 def load_base(job: Job) -> dict:
@@ -36,7 +38,10 @@ def load_base(job: Job) -> dict:
     if not isinstance(data, dict) or "model" not in data:
         raise ConfigError(f"mindformers.base: {path} is not a MindFormers config (no 'model' section)")
     # Anchors in the base file share objects; copy so that one fill-in changes one place.
-    return copy.deepcopy(data)
+    data = copy.deepcopy(data)
+    if imported.is_imported(job.model):
+        imported.apply_to_base(data, job.model, job.cluster.device)
+    return data
 
 
 def build(job: Job) -> dict:

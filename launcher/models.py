@@ -67,6 +67,18 @@ MODELS: dict[str, Model] = {
 }
 
 
+# A model made by `launcher model import` (a job's `model: DIR`): MindFormers' in-tree LlamaForCausalLM,
+# trained with the shipped 1.8 base configs.
+IMPORTED = Model(methods=("lora", "full"), lowest="1.8")
+
+
+def model_spec(model: str) -> Model:
+    """What the launcher knows of a job's model: a shipped one, or an imported directory."""
+    from launcher.weights.imported import is_imported
+
+    return MODELS[model] if model in MODELS else IMPORTED if is_imported(model) else MODELS[model]
+
+
 def release_line(version: str) -> tuple[int, int]:
     """'1.3.2' -> (1, 3); '1.0' -> (1, 0). Raises ValueError for anything else."""
     parts = version.split(".")

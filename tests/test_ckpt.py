@@ -347,3 +347,121 @@ def test_gather_puts_each_ranks_strategy_file_under_its_rank():
     wanted = [w for w in gather.wanted_from_paths(plan, paths) if "/strategy/" in w.dest]
     assert sorted((w.rank, w.dest) for w in wanted) == [
         (r, f"ranks/rank_{r}/strategy/ckpt_strategy_rank_{r}.ckpt") for r in range(plan.world_size)]
+
+
+# ---- streaming: every dtype kept, memory about one parameter ----
+
+def test_filter_copies_every_dtype_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((6, 8)).astype(np.float32)
+    params = [{"name": "model.bf16", "data": ms.Tensor(w).astype(ms.bfloat16)},
+              {"name": "model.fp16", "data": ms.Tensor(w.astype(np.float16))},
+              {"name": "model.ids", "data": ms.Tensor(np.arange(5, dtype=np.int64))},
+              {"name": "adam_m.model.bf16", "data": ms.Tensor(w)},
+              {"name": "global_step", "data": ms.Tensor(np.array([3], np.int32))}]
+    run_dir = fake_run(tmp_path, [])
+    src = run_dir / "ranks/rank_0/checkpoint/net_rank_0-1_16.ckpt"
+    src.parent.mkdir(parents=True)
+    ms.save_checkpoint(params, str(src))
+    (row,) = ckpt.filter_run(run_dir)
+    assert row.dropped == 2
+    got, before = ms.load_checkpoint(str(row.dest)), ms.load_checkpoint(str(src))
+    assert list(got) == ["model.bf16", "model.fp16", "model.ids"]
+    for name, value in got.items():
+        ref = before[name]
+        assert value.dtype == ref.dtype
+        if value.dtype == ms.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            value, ref = value.astype(ms.float32), ref.astype(ms.float32)
+        assert value.asnumpy().tobytes() == ref.asnumpy().tobytes()
+
+
+def test_merge_data_parallel_accepts_another_parameter_order(tmp_path):
+    model = model_params()
+    run_dir = fake_run(tmp_path, [model, dict(reversed(model.items()))])
+    assert ckpt.merge_run(run_dir).params == 2
+
+
+def test_merge_compares_piece_by_piece(tmp_path, monkeypatch):
+    from launcher.ckpt import stream
+
+    monkeypatch.setattr(stream, "PIECE_BYTES", 16)  # 4 float32 a piece: model.w is read in 4 pieces
+    model = model_params()
+    drifted = {**model, "model.w": model["model.w"].copy()}
+    drifted["model.w"][3, 3] += np.float32(0.5)  # in the last piece
+    with pytest.raises(LauncherError, match=r"1 parameter\(s\) of rank 1 differ.*most model\.w by 0\.5"):
+        ckpt.merge_run(fake_run(tmp_path, [model, drifted]))
+    for dtype in (np.float32, np.float16, np.float64):  # NaN equals nothing, as before
+        nan = {**model, "model.norm": np.array([0, 0, 0, np.nan], dtype)}
+        with pytest.raises(LauncherError, match=r"1 parameter\(s\).*most model\.norm by inf"):
+            ckpt.merge_run(fake_run(tmp_path, [nan, nan], run_id=f"r-nan-{np.dtype(dtype).name}"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_merge_lora_folds_like_the_whole_file_fold(tmp_path, dtype):
+    """Each weight as the former load_checkpoint fold made it: float64 W + scale·B·A, through float32, cast by
+    MindSpore to W's dtype; a [in, out] weight takes the transpose; frozen weights that differ are named."""
+    rng = np.random.default_rng(5)
+    ms_type = getattr(ms, dtype)
+    r, alpha = 2, 3.0
+    wq, wo = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((4, 6)).astype(np.float32)
+    a, b = rng.standard_normal((r, 4)).astype(np.float32), rng.standard_normal((6, r)).astype(np.float32)
+    base = {"model.q.weight": wq, "model.o.weight": wo, "model.norm": np.ones(4, np.float32)}
+    base_path = tmp_path / "base.ckpt"
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v).astype(ms_type)} for k, v in base.items()], str(base_path))
+    adapter = {"model.norm": np.full(4, 2, np.float32), "model.q.weight": wq,
+               "model.q.mindpet_delta_lora_a": a, "model.q.mindpet_delta_lora_b": b,
+               "model.o.mindpet_delta_lora_a": a, "model.o.mindpet_delta_lora_b": b,
+               "adam_m.model.q.mindpet_delta_lora_a": a}
+    run_dir = fake_run(tmp_path, [], pet={"pet_type": "lora", "lora_rank": r, "lora_alpha": alpha})
+    adapter_path = save(adapter, tmp_path / "adapter.ckpt")
+    folded = ckpt_lora.merge_lora(run_dir, base_path, adapter_path)
+    assert folded.layers == 2 and folded.path == run_dir / "merged-lora" / "adapter.ckpt"
+    loaded_base = ms.load_checkpoint(str(base_path))
+    # in the adapter's order; a wq rounded to 16 bits in the base is no longer the adapter's float32 wq
+    assert folded.base_differs == ["model.norm"] + (["model.q.weight"] if dtype != "float32" else [])
+    got = ms.load_checkpoint(str(folded.path))
+    assert list(got) == list(base)
+
+    def old_fold(w, delta):
+        w64 = (w.astype(ms.float32) if w.dtype == ms.bfloat16 else w).asnumpy().astype(np.float64)
+        return ms.Tensor((w64 + delta).astype(np.float32)).astype(w.dtype)
+
+    delta = (b.astype(np.float64) @ a.astype(np.float64)) * (alpha / r)
+    expected = {"model.q.weight": old_fold(loaded_base["model.q.weight"], delta),
+                "model.o.weight": old_fold(loaded_base["model.o.weight"], delta.T),
+                "model.norm": loaded_base["model.norm"]}
+    for name, value in expected.items():
+        assert got[name].dtype == ms_type
+        np.testing.assert_array_equal(got[name].astype(ms.float32).asnumpy(), value.astype(ms.float32).asnumpy())
+
+
+def test_ckpt_commands_hold_about_one_parameter_in_memory(tmp_path):
+    """filter, merge and merge-lora on checkpoints of 1 MiB parameters, 48 MiB a file with the moments: the
+    Python heap (numpy included) holds a few parameters at most (buffers, float64 blocks), a whole-file load
+    holds the file."""
+    import tracemalloc
+
+    layer = np.ones((256, 1024), np.float32)  # 1 MiB
+    model = {f"model.layers.{i}.wq.weight": layer * i for i in range(16)}
+    lora = {}
+    for i in range(16):
+        lora[f"model.layers.{i}.wq.mindpet_delta_lora_a"] = np.full((2, 1024), 0.01, np.float32)
+        lora[f"model.layers.{i}.wq.mindpet_delta_lora_b"] = np.full((256, 2), 0.02, np.float32)
+    moments = {f"adam_{m}.{k}": v for m in "mv" for k, v in model.items()}
+    run_dir = fake_run(tmp_path, [{**model, **lora, **moments}] * 2, pet={"pet_type": "lora", "lora_rank": 2,
+                                                                          "lora_alpha": 4})
+    base = save(model, tmp_path / "base.ckpt")
+    peaks = {}
+    tracemalloc.start()
+    try:
+        for tool, run in (("filter", lambda: ckpt.filter_run(run_dir)), ("merge", lambda: ckpt.merge_run(run_dir)),
+                          ("merge-lora", lambda: ckpt_lora.merge_lora(run_dir, base))):
+            tracemalloc.reset_peak()
+            start, _ = tracemalloc.get_traced_memory()
+            run()
+            peaks[tool] = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert (run_dir / "merged-lora" / "net-1_16.ckpt").stat().st_size > 16 * layer.nbytes
+    assert (run_dir / "ranks/rank_0/checkpoint/net_rank_0-1_16.ckpt").stat().st_size > 48 * layer.nbytes
+    assert all(peak < 8 * layer.nbytes for peak in peaks.values()), peaks

@@ -15,7 +15,8 @@ from launcher.data import prepare as data_prepare
 from launcher.data import mindrecord as dataset
 from launcher.data.mindrecord import mindrecord_files
 from launcher.data.prepare import prepare
-from launcher.data.tokenization import IGNORE_INDEX, SYSTEM_PROMPT, encode_rows, load_tokenizer
+from launcher.data.tokenization import IGNORE_INDEX, SYSTEM_PROMPT, TEMPLATES, encode_rows
+from launcher.data.tokenizer import load_tokenizer
 
 GOLDEN = REPO / "tests" / "golden" / "data_prepare"
 
@@ -88,6 +89,35 @@ def describe(path: Path, tokenizer) -> str:
     return "\n".join(lines) + "\n"
 
 
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as SmolLM2's
+CHATML_CORPUS = ["You are a helpful assistant.", "Where do checkpoints land?", "In one folder per rank.",
+                 "And the logs?", "Each rank writes its own log.", "system", "user", "assistant"]
+
+
+def build_chatml_tokenizer(directory: Path, **config) -> Path:
+    """A Hugging Face tokenizer directory in the shape of SmolLM2's: byte-level BPE in tokenizer.json,
+    trained here on few enough words that each one is a single token, and a tokenizer_config.json with
+    eos and pad <|im_end|>, no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=CHATML_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CHATML_CORPUS * 3, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    settings = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", **config}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(tmp_path_factory) -> Path:
+    return build_chatml_tokenizer(tmp_path_factory.mktemp("hf") / "tok")
+
+
 def check_golden(name: str, text: str, request) -> None:
     path = GOLDEN / name
     if request.config.getoption("--update-golden"):
@@ -135,6 +165,160 @@ def test_label_mask_starts_at_the_answer_and_ends_with_eos(tiny_sp_tokenizer):
     assert (labels[eos_at + 1:] == IGNORE_INDEX).all() and (ids[eos_at + 1:] == tok.pad).all()
     assert tok.decode(ids[:eos_at]) == f"{SYSTEM_PROMPT} USER: {question} ASSISTANT: {answer}"
     assert (truncated, empty) == ([False], [False])
+
+
+def test_a_tokenizer_json_directory_loads_its_config(tmp_path, chatml_tokenizer, tiny_bpe_tokenizer):
+    tok = load_tokenizer(chatml_tokenizer)
+    assert (tok.kind, tok.bos, tok.eos, tok.pad) == ("tokenizer.json", None, 2, 2)
+    assert [tok.special_id(s) for s in CHATML_SPECIALS] == [0, 1, 2]
+    assert tok.encode_batch(["<|im_start|>user\n"]) == [[1, tok.tok.token_to_id("user"), tok.tok.token_to_id("Ċ")]]
+    # {"content": ...} objects, pad left out (it is then the EOS), and a BOS only with add_bos_token.
+    other = build_chatml_tokenizer(tmp_path / "other", eos_token={"content": "<|endoftext|>", "special": True},
+                                   pad_token=None, bos_token={"content": "<|im_start|>"}, add_bos_token=True)
+    tok = load_tokenizer(other)
+    assert (tok.bos, tok.eos, tok.pad) == (1, 0, 0)
+    # tokenizer.json is read in preference to vocab.json + merges.txt beside it.
+    for name in ("vocab.json", "merges.txt"):
+        (other / name).write_bytes((tiny_bpe_tokenizer / name).read_bytes())
+    assert load_tokenizer(other).kind == "tokenizer.json"
+
+
+@pytest.mark.parametrize("config, message", [
+    (None, "has tokenizer.json but no tokenizer_config.json"),
+    ({"eos_token": None}, "names no eos_token"),
+    ({"eos_token": "</s>"}, "eos_token '</s>' is not in tokenizer.json"),
+    ({"add_bos_token": True}, "add_bos_token is true but no bos_token is named"),
+])
+def test_a_tokenizer_json_directory_with_a_bad_config_is_refused(tmp_path, config, message):
+    from launcher.errors import ConfigError
+
+    path = build_chatml_tokenizer(tmp_path / "tok", **(config or {}))
+    if config is None:
+        (path / "tokenizer_config.json").unlink()
+    with pytest.raises(ConfigError, match=message):
+        load_tokenizer(path)
+
+
+def chatml_pieces(tok, pieces: list[str]) -> list[int]:
+    ids = [tok.tok.token_to_id(p) for p in pieces]
+    assert None not in ids, [p for p, i in zip(pieces, ids) if i is None]
+    return ids
+
+
+# A 2-turn conversation in ChatML, written out by hand as byte-level BPE pieces ("Ċ" is "\n", "Ġ" a
+# space) from the layout: the system message, then per turn the user message and the assistant's.
+# True marks what is learned: each answer and its <|im_end|>, nothing else.
+CHATML_TURNS = [("Where do checkpoints land?", "In one folder per rank."), ("And the logs?", "Each rank writes its own log.")]
+CHATML_EXPECTED = [
+    *[(p, False) for p in ["<|im_start|>", "system", "Ċ", "You", "Ġare", "Ġa", "Ġhelpful", "Ġassistant", ".",
+                           "<|im_end|>", "Ċ",
+                           "<|im_start|>", "user", "Ċ", "Where", "Ġdo", "Ġcheckpoints", "Ġland", "?", "<|im_end|>", "Ċ",
+                           "<|im_start|>", "assistant", "Ċ"]],
+    *[(p, True) for p in ["In", "Ġone", "Ġfolder", "Ġper", "Ġrank", ".", "<|im_end|>"]],
+    *[(p, False) for p in ["Ċ", "<|im_start|>", "user", "Ċ", "And", "Ġthe", "Ġlogs", "?", "<|im_end|>", "Ċ",
+                           "<|im_start|>", "assistant", "Ċ"]],
+    *[(p, True) for p in ["Each", "Ġrank", "Ġwrites", "Ġits", "Ġown", "Ġlog", ".", "<|im_end|>"]],
+    ("Ċ", False),
+]
+
+
+def test_chatml_record_of_two_turns_is_the_hand_written_one(chatml_tokenizer):
+    tok = load_tokenizer(chatml_tokenizer)
+    expected = chatml_pieces(tok, [p for p, _ in CHATML_EXPECTED])
+    learned = np.array([learn for _, learn in CHATML_EXPECTED])
+    length = len(expected) + 5
+    ids, labels, truncated, empty = encode_rows(tok, [CHATML_TURNS], length, TEMPLATES["chatml"])
+    assert ids[0].tolist() == expected + [tok.pad] * 5  # no BOS: the tokenizer asks for none
+    assert labels[0].tolist() == np.where(learned, expected, IGNORE_INDEX).tolist() + [IGNORE_INDEX] * 5
+    assert (truncated, empty) == ([False], [False])
+    assert tok.decode(ids[0][:len(expected)]) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhere do checkpoints land?<|im_end|>\n<|im_start|>assistant\nIn one folder per rank.<|im_end|>\n"
+        "<|im_start|>user\nAnd the logs?<|im_end|>\n<|im_start|>assistant\nEach rank writes its own log.<|im_end|>\n")
+
+
+def test_chatml_learns_neither_the_header_nor_the_newline(chatml_tokenizer):
+    """Every learned span starts right after "<|im_start|>assistant\n" and ends with its <|im_end|>; the
+    "\n" after that <|im_end|> and the header's tokens are masked."""
+    tok = load_tokenizer(chatml_tokenizer)
+    ids, labels, _, _ = encode_rows(tok, [CHATML_TURNS], 80, TEMPLATES["chatml"])
+    ids, labels = ids[0].tolist(), labels[0]
+    header = chatml_pieces(tok, ["<|im_start|>", "assistant", "Ċ"])
+    newline = header[2]
+    found = spans(labels)
+    assert len(found) == 2
+    for start, end in found:
+        assert ids[start - 3:start] == header and (labels[start - 3:start] == IGNORE_INDEX).all()
+        assert ids[end - 1] == labels[end - 1] == 2  # <|im_end|> learned
+        assert ids[end] == newline and labels[end] == IGNORE_INDEX
+    assert (labels != IGNORE_INDEX).sum() == 7 + 8
+
+
+def test_chatml_needs_its_special_tokens(tmp_path, tiny_sp_tokenizer, tiny_bpe_tokenizer):
+    source = write_rows(tmp_path / "rows.json", ROWS["alpaca"], "array")
+    result = run_launcher("data", "prepare", job_file(tmp_path, source, tiny_sp_tokenizer, template="chatml"),
+                          cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "data.template: chatml needs <|im_start|> and <|im_end|> as single special tokens" in result.stderr
+    # Qwen's vocab.json + merges.txt get them (after the vocabulary, as Qwen1.5's ids 151643..).
+    tok = load_tokenizer(tiny_bpe_tokenizer)
+    assert [tok.special_id(s) for s in CHATML_SPECIALS] == [400, 401, 402]
+    TEMPLATES["chatml"].check(tok)
+
+
+def test_chatml_job_prepares_and_keys_its_cache_apart(tmp_path, chatml_tokenizer):
+    from launcher.data import cache
+    from launcher.spec import load_job
+
+    source = write_rows(tmp_path / "rows.jsonl", ROWS["conversation"], "lines")
+    job = job_file(tmp_path, source, chatml_tokenizer, format="conversation", template="chatml", cache_dir="cache")
+    result = run_launcher("data", "prepare", job, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [made] = (tmp_path / "cache").iterdir()
+    [(ids, labels)] = read_records(made)
+    tok = load_tokenizer(chatml_tokenizer)
+    expected = chatml_pieces(tok, [p for p, _ in CHATML_EXPECTED])
+    assert ids[:len(expected)].tolist() == expected and len(ids) == 257
+    assert b"chatml-1 template" in (made / "part-00000.mindrecord").read_bytes()
+    spec = load_job(job)
+    chatml_key = cache.content_hash(spec.data, 257)
+    vicuna = spec.data.model_copy(update={"template": "vicuna"})
+    assert cache.content_hash(vicuna, 257) != chatml_key
+    # The tokenizer's config is part of the key: another pad token is another dataset.
+    config = chatml_tokenizer / "tokenizer_config.json"
+    before = config.read_text()
+    try:
+        config.write_text(before.replace('"pad_token": "<|im_end|>"', '"pad_token": "<|endoftext|>"'))
+        assert cache.content_hash(spec.data, 257) != chatml_key
+    finally:
+        config.write_text(before)
+
+
+def test_vicuna_cache_key_is_unchanged(tmp_path, tiny_sp_tokenizer):
+    """The key of a vicuna dataset is computed as before data.template existed, so prepared data is reused."""
+    import hashlib
+
+    from launcher.data import cache
+    from launcher.spec import load_job
+
+    source = write_rows(tmp_path / "rows.json", ROWS["alpaca"], "array")
+    data = load_job(job_file(tmp_path, source, tiny_sp_tokenizer)).data
+    assert data.template == "vicuna"
+    digest = hashlib.sha256(json.dumps({"format": "alpaca", "length": 257, "template": "vicuna_v1.1-1"}).encode())
+    for path in (source, tiny_sp_tokenizer):
+        digest.update(f"\0{path.name}\0".encode() + path.read_bytes())
+    assert cache.content_hash(data, 257) == digest.hexdigest()
+
+
+def test_the_run_records_the_template(tmp_path, chatml_tokenizer):
+    from launcher.data import cache
+    from launcher.spec import load_job
+
+    source = write_rows(tmp_path / "rows.json", ROWS["alpaca"], "array")
+    job = load_job(job_file(tmp_path, source, chatml_tokenizer, template="chatml"))
+    cache.record_run_data(job, tmp_path / "made", tmp_path)
+    record = json.loads((tmp_path / "data.json").read_text())
+    assert (record["template"], record["tokenizer"]) == ("chatml", str(chatml_tokenizer))
 
 
 def test_truncation_is_counted_and_keeps_the_mask(tmp_path, tiny_sp_tokenizer):
@@ -277,6 +461,7 @@ def test_prepare_reuses_the_cache_until_an_input_changes(tmp_path, tiny_sp_token
     ({"format": "alpacca"}, "data.format: Input should be 'alpaca', 'belle', 'novelset' or 'conversation'; "
                             "did you mean 'alpaca'?"),
     ({"tokenizer": "nowhere"}, "data.tokenizer: "),
+    ({"template": "chatmll"}, "data.template: Input should be 'vicuna' or 'chatml'; did you mean 'chatml'?"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_sp_tokenizer, change, message):
     source = write_rows(tmp_path / "rows.json", ROWS["alpaca"], "array")

@@ -42,3 +42,18 @@ def test_summary_tokens_per_second():
     assert summary["tokens_per_s"] == 64.0
     assert summary["losses_finite"] is True
     assert summarize([], 32, 2)["steps"] == 0
+
+
+def test_steps_count_across_epochs():
+    # MFLossMonitor counts steps within the epoch (lines from a real 3-epoch SmolLM2 run, 5 steps each).
+    from launcher.logparse import parse_text, summarize
+
+    text = "\n".join([
+        "print_output_info: { Epoch:[  1/  3], step:[    1/    5], loss:[3.115157/3.115157], per_step_time: 5779ms, lr",
+        "print_output_info: { Epoch:[  2/  3], step:[    1/    5], loss:[0.618294/0.618294], per_step_time: 9818ms, lr",
+        "print_output_info: { Epoch:[  3/  3], step:[    5/    5], loss:[0.001716/0.018626], per_step_time: 10082ms, lr",
+    ])
+    records = parse_text(text)
+    assert [(r.step, r.total) for r in records] == [(1, 15), (6, 15), (15, 15)]
+    summary = summarize(records, 64, 2)
+    assert (summary["steps"], summary["total_steps"]) == (15, 15)

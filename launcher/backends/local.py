@@ -24,15 +24,47 @@ from launcher.errors import BackendError, ConfigError, LauncherError
 from launcher.liveview import LiveView, rank_exit_codes
 from launcher.plan import STATUS_DIR, LaunchPlan
 from launcher.runs import NODE_LOG, PLAN_DIR, RunRecord
-from launcher.models import MODELS
+from launcher.models import model_spec
 from launcher.spec import Job
 
 POLL_SECONDS = 0.25
 _MSRUN_WORKER_FAILED = re.compile(r"Worker process (\d+) exit with exception")
 
 
-def node_environment(run_id: str, job_name: str) -> dict[str, str]:
+# MindSpore's graph compile cache (mindspore/common/api.py reads MS_COMPILER_CACHE_ENABLE and
+# MS_COMPILER_CACHE_PATH): compiling SmolLM2's 30 layers on the CPU takes minutes, loading them seconds.
+# MindSpore detects only some changes of the network itself, so the cache folder is keyed by everything
+# that shapes the graph: the MindSpore version and the run's MindFormers config without its paths.
+_RUN_PATHS = ("load_checkpoint", "output_dir", "dataset_dir", "src_strategy_path_or_dir")
+
+
+def compile_cache_env(run_dir: Path) -> dict[str, str]:
+    import hashlib
+    from importlib import metadata
+
+    import yaml
+
+    from launcher.user_cache import cache_root
+
+    def without_paths(node):
+        if isinstance(node, dict):
+            return {k: without_paths(v) for k, v in node.items() if k not in _RUN_PATHS}
+        return [without_paths(v) for v in node] if isinstance(node, list) else node
+
+    config = yaml.safe_load((run_dir / PLAN_DIR / "mindformers" / "run.yaml").read_text())
+    try:
+        version = metadata.version("mindspore")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    entrypoint = (run_dir / PLAN_DIR / "entrypoint" / "finetune.py").read_bytes()
+    key = hashlib.sha256(repr((version, without_paths(config))).encode() + entrypoint).hexdigest()[:16]
+    return {"MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": str(cache_root() / "compile" / key)}
+
+
+def node_environment(run_id: str, job_name: str, run_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if run_dir is not None and (run_dir / PLAN_DIR / "mindformers" / "run.yaml").is_file():
+        env.update(compile_cache_env(run_dir))  # the job's env: entries, sourced later, still win
     env[nodectl.RUN_ID_VAR] = run_id
     env[nodectl.JOB_VAR] = job_name
     env[nodectl.NODE_VAR] = "0"
@@ -48,7 +80,7 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
         proc = subprocess.Popen(
             ["bash", str(run_dir / PLAN_DIR / node.script)],
             cwd=run_dir,
-            env=node_environment(record.run_id, plan.job_name),
+            env=node_environment(record.run_id, plan.job_name, run_dir),
             stdin=subprocess.DEVNULL,
             stdout=node_log,
             stderr=subprocess.STDOUT,
@@ -157,7 +189,7 @@ def check_local_host(job: Job) -> None:
     if job.checkpoint.load and not Path(job.checkpoint.load).exists():
         raise ConfigError(f"checkpoint.load: {job.checkpoint.load} does not exist")
     installed = installed_mindformers()
-    model = MODELS[job.model]
+    model = model_spec(job.model)
     if job.mindformers.version is None and installed and not model.carried_by(installed):
         raise ConfigError(f"model: {job.model} runs on {model.releases}; this machine has MindFormers {installed}")
     if not port_is_free(job.cluster.master_port):

@@ -4,9 +4,10 @@ Outputs, all under runs/<run-id>/ and each published whole (built in a hidden st
 then renamed into place, so an interrupted command leaves no half-written output):
   filtered/rank_N/<name>.ckpt        each rank's checkpoint without optimizer and loss-scale state
   merged/<name>.ckpt (+ .sha256)     one complete model-only checkpoint of the run
-The LoRA fold (merged-lora/) is in ckpt_lora.py.
+The LoRA fold (merged-lora/) is in lora.py.
 
-MindSpore is imported inside the functions: the rest of the CLI starts without it.
+Checkpoints are streamed a parameter at a time (stream.py), so memory stays about one parameter whatever
+their size. MindSpore is imported only for the model/pipeline-parallel merge (transform_checkpoints).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from launcher.ckpt import stream
 from launcher.errors import ConfigError, LauncherError
 from launcher.gather import RANKS_DIR, sha256_file
 from launcher.runs import FILTERED_DIR, MERGED_DIR, PLAN_DIR
@@ -100,27 +103,6 @@ def merged_name(rank_file: Path) -> str:
     return f"{m['prefix']}-{m['epoch']}_{m['step']}.ckpt" if m else rank_file.name
 
 
-def load_params(path: Path) -> dict:
-    import mindspore as ms
-
-    try:
-        return ms.load_checkpoint(str(path))
-    except (ValueError, RuntimeError) as exc:
-        raise LauncherError(f"{path} is not a readable MindSpore checkpoint: {exc}") from None
-
-
-def save_params(params: dict, path: Path) -> None:
-    """Save name -> Parameter/Tensor in the given order."""
-    import mindspore as ms
-
-    ms.save_checkpoint([{"name": name, "data": value} for name, value in params.items()], str(path))
-
-
-def model_only(params: dict) -> tuple[dict, list[str]]:
-    kept = {k: v for k, v in params.items() if not is_training_state(k)}
-    return kept, [k for k in params if k not in kept]
-
-
 # ---- publishing: staging directory, then one rename ----
 
 @contextlib.contextmanager
@@ -168,13 +150,17 @@ class Filtered:
 def filter_into(checkpoints: dict[int, Path], out_dir: Path) -> list[Filtered]:
     rows = []
     for rank, src in sorted(checkpoints.items()):
-        kept, dropped = model_only(load_params(src))
-        if not kept:
-            raise LauncherError(f"{src}: every key is training state; nothing of the model is left")
         dest = out_dir / f"rank_{rank}" / src.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        save_params(kept, dest)
-        rows.append(Filtered(rank, src, dest, src.stat().st_size, dest.stat().st_size, len(dropped)))
+        with stream.CheckpointReader(src) as reader:
+            kept = [e for e in reader.entries if not is_training_state(e.name)]
+            if not kept:
+                raise LauncherError(f"{src}: every key is training state; nothing of the model is left")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with stream.CheckpointWriter(dest) as writer:
+                for entry in kept:  # the bytes as they are: any dtype (bfloat16 too) is kept exactly
+                    writer.copy(reader, entry)
+        dropped = len(reader.entries) - len(kept)
+        rows.append(Filtered(rank, src, dest, src.stat().st_size, dest.stat().st_size, dropped))
     return rows
 
 
@@ -209,44 +195,94 @@ class Merged:
     from_filtered: bool
 
 
-def as_numpy(value):
-    """float64 numpy copy of a Parameter/Tensor (bfloat16 has no numpy type, so go through float32)."""
-    import mindspore as ms
-    import numpy as np
+# Elements per float64 block when comparing: the copies stay small next to the parameter.
+_COMPARE_BLOCK = 1 << 18
 
-    if value.dtype == ms.bfloat16:
-        value = value.astype(ms.float32)
-    return value.asnumpy().astype(np.float64)
+
+def max_abs_diff(a, b) -> float:
+    """max |a - b| in float64, block by block (inf if a difference is not finite)."""
+    a, b, worst = a.reshape(-1), b.reshape(-1), 0.0
+    for at in range(0, a.size, _COMPARE_BLOCK):
+        block = np.abs(a[at:at + _COMPARE_BLOCK].astype(np.float64) - b[at:at + _COMPARE_BLOCK].astype(np.float64))
+        most = float(np.max(block))
+        if not np.isfinite(most):
+            return float("inf")
+        worst = max(worst, most)
+    return worst
+
+
+# tensor_type -> (unsigned type of its size, mask without the sign, bits of +inf): NaN is above +inf.
+_FLOAT_BITS = {"Float16": ("<u2", 0x7FFF, 0x7C00), "BFloat16": ("<u2", 0x7FFF, 0x7F80),
+               "Float32": ("<u4", 0x7FFF_FFFF, 0x7F80_0000),
+               "Float64": ("<u8", 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000)}
+
+
+def has_nan(piece, tensor_type: str) -> bool:
+    """Any NaN in these raw bytes, tested on the bits (numpy's isnan on float16 is slow, not vectorized)."""
+    if tensor_type not in _FLOAT_BITS or not len(piece):
+        return False
+    uint, mask, inf = _FLOAT_BITS[tensor_type]
+    return bool((piece.view(uint) & mask).max() > inf)
+
+
+def same_bytes(a, b) -> bool:
+    """Two uint8 arrays hold the same bytes (compared 8 at a time)."""
+    whole = len(a) // 8 * 8
+    return len(a) == len(b) and np.array_equal(a[:whole].view(np.uint64), b[:whole].view(np.uint64)) \
+        and np.array_equal(a[whole:], b[whole:])
+
+
+def entry_diff(reader_a: stream.CheckpointReader, a: stream.Entry,
+               reader_b: stream.CheckpointReader, b: stream.Entry) -> float:
+    """max |a - b| of two parameters of one shape in float64, read side by side a piece at a time: 0.0 when
+    they are bit for bit equal (the usual case: no float64 copies), inf when a difference is not finite
+    (NaN included, as NaN - NaN is)."""
+    if a.tensor_type not in stream.NUMERIC_TYPES or b.tensor_type not in stream.NUMERIC_TYPES:  # str, Int4...
+        return 0.0 if (a.tensor_type, reader_a.raw(a)) == (b.tensor_type, reader_b.raw(b)) else float("inf")
+    if a.tensor_type != b.tensor_type:  # pieces would not hold the same elements: whole arrays (rare)
+        return max_abs_diff(reader_a.array(a), reader_b.array(b))
+    worst = 0.0
+    for piece_a, piece_b in zip(reader_a.pieces(a), reader_b.pieces(b)):
+        if same_bytes(piece_a, piece_b) and not has_nan(piece_a, a.tensor_type):
+            continue
+        worst = max(worst, max_abs_diff(stream.decode(piece_a, a.tensor_type), stream.decode(piece_b, b.tensor_type)))
+        if worst == float("inf"):
+            break
+    return worst
 
 
 def compare_ranks(sources: dict[int, Path], atol: float) -> int:
     """Every rank's model parameters equal rank 0's (within atol), else name the worst one.
-    Returns how many parameters rank 0 holds."""
-    import numpy as np
+    Streams rank 0 and rank r side by side, a parameter at a time. Returns how many parameters rank 0 holds."""
+    with stream.CheckpointReader(sources[0]) as reference:
+        for rank, path in sorted(sources.items())[1:]:
+            with stream.CheckpointReader(path) as other:
+                _compare(reference, other, rank, atol)
+        return len(reference.by_name)
 
-    reference = load_params(sources[0])
-    for rank, path in sorted(sources.items())[1:]:
-        other = load_params(path)
-        if set(other) != set(reference):
-            only0, only_r = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
-            raise LauncherError(f"ranks 0 and {rank} hold different parameters (only in rank 0: {only0[:3]}, "
-                                f"only in rank {rank}: {only_r[:3]}); not a data-parallel run?")
-        worst, differing = (0.0, ""), 0
-        for name, ref in reference.items():
-            a, b = as_numpy(ref), as_numpy(other[name])
-            if a.shape != b.shape:
-                raise LauncherError(f"rank {rank}'s {name} has shape {b.shape}, rank 0's {a.shape}; "
-                                    "sharded parameters need the strategy files (model or pipeline parallel)")
-            diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-            if not np.isfinite(diff) or diff > atol:
-                differing += 1
-                worst = max(worst, (diff if np.isfinite(diff) else float("inf"), name))
-        if differing:
-            raise LauncherError(
-                f"data-parallel ranks disagree: {differing} parameter(s) of rank {rank} differ from rank 0's, "
-                f"most {worst[1]} by {worst[0]:.3g} (--atol {atol:g}); the replicas should be identical, so "
-                "check that the ranks ran the same steps (or raise --atol)")
-    return len(reference)
+
+def _compare(reference: stream.CheckpointReader, other: stream.CheckpointReader, rank: int, atol: float) -> None:
+    if set(other.by_name) != set(reference.by_name):
+        only0 = sorted(set(reference.by_name) - set(other.by_name))
+        only_r = sorted(set(other.by_name) - set(reference.by_name))
+        raise LauncherError(f"ranks 0 and {rank} hold different parameters (only in rank 0: {only0[:3]}, "
+                            f"only in rank {rank}: {only_r[:3]}); not a data-parallel run?")
+    worst, differing = (0.0, ""), 0
+    for name, ref in reference.by_name.items():
+        # by name, so another order works too; in rank 0's order, so equal files are read front to back
+        oth = other.by_name[name]
+        if ref.shape != oth.shape:
+            raise LauncherError(f"rank {rank}'s {name} has shape {oth.shape}, rank 0's {ref.shape}; "
+                                "sharded parameters need the strategy files (model or pipeline parallel)")
+        diff = entry_diff(reference, ref, other, oth)
+        if diff > atol:
+            differing += 1
+            worst = max(worst, (diff, name))
+    if differing:
+        raise LauncherError(
+            f"data-parallel ranks disagree: {differing} parameter(s) of rank {rank} differ from rank 0's, "
+            f"most {worst[1]} by {worst[0]:.3g} (--atol {atol:g}); the replicas should be identical, so "
+            "check that the ranks ran the same steps (or raise --atol)")
 
 
 def _strategy_files(run_dir: Path, ranks: list[int]) -> dict[int, Path]:
@@ -260,7 +296,8 @@ def _strategy_files(run_dir: Path, ranks: list[int]) -> dict[int, Path]:
 
 
 def merge_by_strategy(run_dir: Path, sources: dict[int, Path], out: Path, pipeline_stage: int, work: Path) -> str:
-    """ms.transform_checkpoints from the run's layout to an unsharded one (no destination strategy)."""
+    """ms.transform_checkpoints from the run's layout to an unsharded one (no destination strategy).
+    Not streamed: MindSpore loads the shards itself (re-slicing by the layouts is its own code)."""
     import mindspore as ms
 
     strategies = _strategy_files(run_dir, sorted(sources))
@@ -319,6 +356,6 @@ def merge_run(run_dir: Path, force: bool = False, atol: float = 0.0) -> Merged:
             how = f"data parallel: {len(sources)} ranks agree, rank 0 taken"
         else:
             how = merge_by_strategy(run_dir, sources, out, pipeline_stage, work)
-            params = len(load_params(out))
+            params = len(stream.param_names(out))
         digest = write_sha256(out)
     return Merged(run_dir / MERGED_DIR / out.name, digest, how, params, from_filtered)

@@ -15,7 +15,10 @@ import yaml
 
 from launcher.ckpt.merge import MERGED_DIR, RUN_CONFIG, latest_checkpoint
 from launcher.ckpt.lora import MERGED_LORA_DIR
+from launcher.data.tokenization import get_template
+from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import ConfigError, LauncherError
+from launcher.runs import DATA_RECORD
 
 # Folded LoRA first: it is the model people deploy. Then the merged checkpoint of the run.
 CHECKPOINT_DIRS = (MERGED_LORA_DIR, MERGED_DIR)
@@ -38,18 +41,21 @@ def find_checkpoint(run_dir: Path, given: str | None) -> Path:
     )
 
 
-def find_tokenizer(run_dir: Path, given: str | None) -> Path:
-    """--tokenizer, else the one the run's dataset was prepared with (recorded in data.json)."""
+def data_record(run_dir: Path) -> dict:
+    """What the run's data: section prepared (data.json), or {} for a run without one."""
+    record = run_dir / DATA_RECORD
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def find_tokenizer(run_dir: Path, given: str | None, record: dict) -> Path:
+    """--tokenizer, else the one the run's dataset was prepared with."""
     if given:
         path = Path(given)
+    elif "tokenizer" in record:
+        path = Path(record["tokenizer"])
     else:
-        record = run_dir / "data.json"
-        if not record.is_file():
-            raise ConfigError(f"{run_dir.name} does not record a tokenizer (no data: section); pass --tokenizer")
-        path = Path(json.loads(record.read_text())["tokenizer"])
-    if path.is_file() or (path / "tokenizer.model").is_file() or (path / "vocab.json").is_file():
-        return path.resolve()
-    raise ConfigError(f"tokenizer {path} is neither a tokenizer.model nor a directory with vocab.json and merges.txt")
+        raise ConfigError(f"{run_dir.name} does not record a tokenizer (no data: section); pass --tokenizer")
+    return path.resolve()
 
 
 def run_device(run_dir: Path) -> str:
@@ -58,21 +64,28 @@ def run_device(run_dir: Path) -> str:
 
 
 def predict(run_dir: Path, prompts: list[str], checkpoint: str | None, tokenizer: str | None,
-            max_new_tokens: int, chat: bool = False, timeout: float = 1800) -> dict:
+            max_new_tokens: int, chat: bool = False, template: str | None = None, timeout: float = 1800) -> dict:
     """Generate for each prompt; returns {"outputs": [{"prompt", "text", "answer"}], "checkpoint", "use_past"}.
 
-    chat: each prompt goes in as the user turn of the template `launcher data prepare` trains on, and
-    "answer" is what the model wrote after "ASSISTANT:"; without it the prompt is continued as text.
+    chat: each prompt goes in as the user turn of the template (--template, else the one the run's data was
+    prepared with, else vicuna), generation stops at the template's end token, and "answer" is what the
+    model wrote after the prompt, without that token; without chat the prompt is continued as text.
     """
-    if chat:
-        from launcher.data.tokenization import chat_prompt
-
-        prompts = [chat_prompt(p) for p in prompts]
+    if template and not chat:
+        raise ConfigError("--template is the layout of --chat; add --chat")
     config = run_dir / RUN_CONFIG
     if not config.is_file():
         raise ConfigError(f"{run_dir} has no {RUN_CONFIG}; is it a run directory?")
     checkpoint_path = find_checkpoint(run_dir, checkpoint).resolve()
-    tokenizer_path = find_tokenizer(run_dir, tokenizer)
+    record = data_record(run_dir)
+    tokenizer_path = find_tokenizer(run_dir, tokenizer, record)
+    tok = load_tokenizer(tokenizer_path, "--tokenizer" if tokenizer else f"{DATA_RECORD} tokenizer")
+    stop = [tok.eos]
+    if chat:
+        layout = get_template(template or record.get("template", "vicuna"), "--template")
+        layout.check(tok, "--template")
+        prompts = [layout.prompt(p) for p in prompts]
+        stop = list(dict.fromkeys([layout.end_id(tok), tok.eos]))  # a model may still end with its EOS
     work = run_dir / "predict"
     work.mkdir(exist_ok=True)
     result = work / "result.json"
@@ -82,6 +95,8 @@ def predict(run_dir: Path, prompts: list[str], checkpoint: str | None, tokenizer
         "checkpoint": str(checkpoint_path),
         "tokenizer": str(tokenizer_path),
         "prompts": prompts,
+        "bos_id": tok.bos,
+        "stop_ids": stop,
         "max_new_tokens": max_new_tokens,
         "device": run_device(run_dir),
         "result": str(result.resolve()),
@@ -97,9 +112,4 @@ def predict(run_dir: Path, prompts: list[str], checkpoint: str | None, tokenizer
     if proc.returncode != 0 or not result.is_file():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise LauncherError(f"predict failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    answer = json.loads(result.read_text())
-    for item in answer["outputs"]:
-        text, prompt = item["text"], item["prompt"]
-        item["answer"] = text[len(prompt):].strip() if text.startswith(prompt) else text
-    result.write_text(json.dumps(answer, indent=2) + "\n")
-    return answer
+    return json.loads(result.read_text())

@@ -30,6 +30,7 @@ def ckpt_cmd() -> None:
     launcher ckpt filter RUN       -> runs/<id>/filtered/rank_N/<name>.ckpt
     launcher ckpt merge RUN        -> runs/<id>/merged/<name>.ckpt + .sha256
     launcher ckpt merge-lora RUN --base CKPT -> runs/<id>/merged-lora/<name>.ckpt + .sha256
+    launcher ckpt export RUN -o DIR -> a Hugging Face directory (config.json, model.safetensors)
     """
 
 
@@ -116,3 +117,35 @@ def merge_lora_cmd(run: str, base: str, adapter: str | None, force: bool, runs_d
               f"scale {folded.alpha / folded.rank:g})")
     out.print(f"wrote {folded.path} ({_size(folded.path.stat().st_size)})")
     out.print(f"sha256 {folded.sha256}")
+
+
+@ckpt_cmd.command("export")
+@click.argument("run")
+@click.option("--to", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="the format to write: a Hugging Face model directory")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="the directory to write")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="the model checkpoint to export (default: merged-lora/, else merged/ of a full run)")
+@click.option("--tokenizer", type=click.Path(), help="tokenizer files to add (default: the run's data tokenizer)")
+@_FORCE
+@_RUNS_DIR
+@reports_errors
+def export_cmd(run: str, fmt: str, output: str, checkpoint: str | None, tokenizer: str | None, force: bool,
+               runs_dir: str) -> None:
+    """Write a run's model as a Hugging Face directory: config.json, model.safetensors, tokenizer.
+
+    \b
+    The inverse of 'launcher model import': MindFormers' LlamaForCausalLM names become
+    transformers' Llama (or Qwen2 with q/k/v biases) names; lm_head is left out and
+    tie_word_embeddings set when it equals the embedding. A LoRA run exports its folded
+    checkpoint (merged-lora/). The checkpoint is streamed, one tensor in memory at a time.
+    """
+    from launcher.weights.export import export_run
+
+    run_dir = find_run(run, Path(runs_dir))
+    with err.status(f"exporting {run_dir.name}…"):
+        done = export_run(run_dir, Path(output), checkpoint, tokenizer, force)
+    tied = ", embeddings tied" if done["tied"] else ""
+    out.print(f"exported {done['checkpoint']} ({done['family']}, {done['parameters']} tensors{tied}) to {output}/")
+    if not done["tokenizer"]:
+        err.print("warning: the run records no tokenizer; pass --tokenizer to add one")

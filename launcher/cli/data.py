@@ -57,9 +57,10 @@ def prepare_cmd(job_file: str, output: str | None, force: bool, strict: bool, wo
     \b
     Each row (alpaca, belle: instruction/input/output; novelset: Instruction/Input/Response;
     conversation: {"conversations": [{"from": "human"|"assistant", "value"}]}; a JSON array or
-    JSON lines) becomes a vicuna-style chat, "<system> USER: ... ASSISTANT: ...</s>", tokenized
+    JSON lines) becomes a chat in data.template: vicuna, "<system> USER: ... ASSISTANT: ...</s>",
+    or chatml, "<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n...<|im_end|>", tokenized
     with data.tokenizer and padded or cut to seq_length + 1 tokens. Labels keep the answer tokens
-    and mask everything else with -100.
+    and their end token and mask everything else with -100.
 
     Rows with missing keys or an empty answer are skipped and listed with their line numbers
     (--strict: an error). An existing output is only replaced with --force; a cached dataset

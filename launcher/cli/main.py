@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 
 from launcher import runner
-from launcher.cli import ckpt, data, image, predict, ranktable
+from launcher.cli import ckpt, data, image, model, predict, ranktable
 from launcher.cli.console import err, out, reports_errors
 from launcher.errors import ConfigError
 from launcher.plan import LaunchPlan
@@ -29,6 +29,7 @@ def main() -> None:
     launcher status|logs|gather|down RUN
     launcher dataset tiny PATH    make the demo dataset for the tiny CPU model
     launcher data prepare JOB     tokenize the job's data: section into a MindRecord
+    launcher model import SRC -o DIR   a GGUF file or Hugging Face directory to a MindFormers model
     """
 
 
@@ -217,6 +218,7 @@ main.add_command(image.image)
 main.add_command(predict.predict_cmd)
 main.add_command(ckpt.ckpt_cmd)
 main.add_command(data.data_cmd)
+main.add_command(model.model_cmd)
 
 
 if __name__ == "__main__":

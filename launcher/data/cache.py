@@ -2,8 +2,9 @@
 
 The prepared MindRecord directory is named by content: `<cache_dir>/<job name>-<hash12>/`, where the
 hash covers the source bytes, the tokenizer files, the format, the record length and the template
-version. The same inputs always find the same file, so `up` prepares a dataset once and reuses it;
-a changed row, tokenizer or seq_length gives a new file. The job the planner sees has dataset.path
+version (vicuna's key is the one it had before there was a choice of template). The same inputs
+always find the same file, so `up` prepares a dataset once and reuses it; a changed row, tokenizer,
+template or seq_length gives a new file. The job the planner sees has dataset.path
 set to that file (resolve_data), so the plan stays a pure function of the job.
 """
 
@@ -52,13 +53,15 @@ def absolute_data(data: Data, base: Path) -> Data:
 
 
 def content_hash(data: Data, length: int) -> str:
-    from launcher.data.tokenization import TEMPLATE_VERSION, tokenizer_files
+    from launcher.data.tokenization import get_template
+    from launcher.data.tokenizer import tokenizer_files
 
     source = Path(data.source)
     if not source.is_file():
         raise ConfigError(f"data.source: {source} does not exist")
     digest = hashlib.sha256()
-    digest.update(json.dumps({"format": data.format, "length": length, "template": TEMPLATE_VERSION}).encode())
+    version = get_template(data.template).version
+    digest.update(json.dumps({"format": data.format, "length": length, "template": version}).encode())
     for path in (source, *tokenizer_files(data.tokenizer)):
         digest.update(f"\0{path.name}\0".encode())
         with open(path, "rb") as f:
@@ -92,7 +95,7 @@ def prepare_job(job: Job, out: Path, progress=None, workers: int | None = None, 
     data = job.data
     return prepare(Path(data.source), data.format, Path(data.tokenizer), out, record_length(job),
                    workers=workers or data.workers or default_workers(), strict=strict or data.strict,
-                   force=force, progress=progress)
+                   force=force, progress=progress, template=data.template)
 
 
 def ensure_prepared(job: Job, path: Path, progress_factory=None):
@@ -104,9 +107,9 @@ def ensure_prepared(job: Job, path: Path, progress_factory=None):
 
 
 def record_run_data(job: Job, path: Path, run_dir: Path) -> None:
-    """Record what the run trains on (data.json)."""
+    """Record what the run trains on (data.json); predict reads the tokenizer and the template from it."""
     record = {"source": job.data.source, "format": job.data.format, "tokenizer": job.data.tokenizer,
-              "dataset": str(path), "record_length": record_length(job)}
+              "template": job.data.template, "dataset": str(path), "record_length": record_length(job)}
     (run_dir / DATA_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 

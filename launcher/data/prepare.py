@@ -1,4 +1,4 @@
-"""`launcher data prepare`: instruction data -> vicuna-style conversations -> a tokenized MindRecord.
+"""`launcher data prepare`: instruction data -> conversations in a chat template -> a tokenized MindRecord.
 
 Rows stream from the source (a JSON array or JSON lines, for every format) in chunks to a pool of
 worker processes, each holding the tokenizer; the results come back in order and the main process
@@ -183,10 +183,11 @@ def chunked(rows: Iterator, size: int) -> Iterator[list]:
 _WORKER: dict = {}
 
 
-def init_worker(tokenizer_path: str, fmt: str, length: int) -> None:
-    from launcher.data.tokenization import load_tokenizer
+def init_worker(tokenizer_path: str, fmt: str, length: int, template: str) -> None:
+    from launcher.data.tokenization import get_template
+    from launcher.data.tokenizer import load_tokenizer
 
-    _WORKER.update(tokenizer=load_tokenizer(tokenizer_path), fmt=fmt, length=length)
+    _WORKER.update(tokenizer=load_tokenizer(tokenizer_path), fmt=fmt, length=length, template=get_template(template))
 
 
 def encode_chunk(chunk: list[tuple[int, object]]):
@@ -201,7 +202,7 @@ def encode_chunk(chunk: list[tuple[int, object]]):
             good.append(number)
         except BadRow as exc:
             bad.append((number, str(exc)))
-    ids, labels, truncated, empty = encode_rows(tokenizer, turns, length)
+    ids, labels, truncated, empty = encode_rows(tokenizer, turns, length, _WORKER["template"])
     keep = [i for i, e in enumerate(empty) if not e]
     bad += [(good[i], f"the prompt alone is longer than {length} tokens; no answer token fits")
             for i, e in enumerate(empty) if e]
@@ -263,8 +264,9 @@ def _results(chunks: Iterator[list], pool, workers: int, init_args: tuple):
 
 
 def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, workers: int = 1,
-            strict: bool = False, force: bool = False, progress=None) -> Report:
-    """Write the directory `out` of MindRecord parts: records of `length` tokens. `progress(rows_done)` is called per chunk.
+            strict: bool = False, force: bool = False, progress=None, template: str = "vicuna") -> Report:
+    """Write the directory `out` of MindRecord parts: records of `length` tokens of the chat `template`.
+    `progress(rows_done)` is called per chunk.
 
     Bad rows are skipped and listed in the report, or with `strict` end the run with nothing written.
     """
@@ -276,20 +278,23 @@ def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, wor
     if fmt not in (*INSTRUCTION_KEYS, "conversation"):
         raise ConfigError(f"data.format: unknown format '{fmt}'")
     refuse_existing(out, force)
-    from launcher.data.tokenization import load_tokenizer
+    from launcher.data.tokenization import get_template
+    from launcher.data.tokenizer import load_tokenizer
 
-    load_tokenizer(tokenizer)  # fail here, with one clear line, rather than in every worker
+    chat = get_template(template)
+    chat.check(load_tokenizer(tokenizer))  # fail here, with one clear line, rather than in every worker
     report = Report(out)
     started = time.perf_counter()
     chunks = chunked(read_rows(source), CHUNK_ROWS)
-    init_args = (str(tokenizer), fmt, length)
+    init_args = (str(tokenizer), fmt, length, template)
     pool = start_pool(workers, init_args)
     try:
         results = _results(chunks, pool, workers, init_args)
         # Queue the first chunks before the writer loads MindSpore, so that the workers start at once.
         first = next(results, None)
         results = itertools.chain([first] if first else [], results)
-        _write(out, fmt, length, results, source, strict, report, progress)
+        _write(out, f"{fmt} conversations, {chat.version} template, {length} tokens", results, source,
+               strict, report, progress)
     finally:
         if pool is not None:
             pool.terminate()
@@ -298,10 +303,10 @@ def prepare(source: Path, fmt: str, tokenizer: Path, out: Path, length: int, wor
     return report
 
 
-def _write(out: Path, fmt: str, length: int, results, source: Path, strict: bool, report: Report, progress):
+def _write(out: Path, description: str, results, source: Path, strict: bool, report: Report, progress):
     from launcher.data.mindrecord import PREPARED_PAGES, atomic_mindrecord_dir
 
-    with atomic_mindrecord_dir(out, f"{fmt} conversations, vicuna template, {length} tokens", **PREPARED_PAGES) as write:
+    with atomic_mindrecord_dir(out, description, **PREPARED_PAGES) as write:
         done = 0
         for n, (ids, labels, truncated, bad) in results:
             if bad and strict:

@@ -1,13 +1,15 @@
-"""A quick generation check of a fine-tuned checkpoint with the MindFormers text-generation pipeline.
+"""A quick generation check of a fine-tuned checkpoint with MindFormers' tokenizer and generate().
 
 Run by `launcher predict` in its own process (MindSpore's context is process-wide and MindFormers logs
 to the current directory), so nothing of it leaks into the launcher. Usage:
 
     python predict.py REQUEST.json
 
-REQUEST.json: {"config": run.yaml, "checkpoint": .ckpt, "tokenizer": tokenizer.model or a directory with
-vocab.json and merges.txt, "prompts": [...], "max_new_tokens": N, "device": "cpu"|"ascend", "result": out.json}.
-The result file gets {"outputs": [{"prompt", "text"}], "checkpoint", "use_past"}.
+REQUEST.json: {"config": run.yaml, "checkpoint": .ckpt, "tokenizer": tokenizer.model or a directory
+(tokenizer.json + tokenizer_config.json, or vocab.json + merges.txt), "prompts": [...], "bos_id": id or null,
+"stop_ids": [...], "max_new_tokens": N, "device": "cpu"|"ascend", "result": out.json}.
+The result file gets {"outputs": [{"prompt", "text", "answer"}], "checkpoint", "use_past"}: text is the
+whole sequence without special tokens, answer what follows the prompt, up to the first stop id.
 """
 
 import json
@@ -21,22 +23,27 @@ LORA_MARK = "mindpet_delta_lora"
 
 
 def _tokenizer(path):
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "vocab.json")):
-        # MindFormers 1.8 ships no Qwen2 tokenizer class; wrap the same byte-level BPE that
-        # `launcher data prepare` tokenized the dataset with.
+    from launcher.data.tokenizer import HfTokenizer, load_tokenizer
+
+    ours = load_tokenizer(Path(path))
+    if isinstance(ours, HfTokenizer):
+        # MindFormers 1.8 ships no Qwen2 tokenizer class; wrap the same tokenizers.Tokenizer that
+        # `launcher data prepare` tokenized the dataset with, with its end and pad tokens.
         from mindformers import PreTrainedTokenizerFast
 
-        from launcher.data.tokenization import ByteLevelBpeTokenizer
-
-        bpe = ByteLevelBpeTokenizer(Path(path)).tok
-        return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
-                                       pad_token="<|endoftext|>")
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.model")
+        return PreTrainedTokenizerFast(tokenizer_object=ours.tok, eos_token=ours.token(ours.eos),
+                                       pad_token=ours.token(ours.pad), bos_token=ours.token(ours.bos))
     from mindformers import LlamaTokenizer
 
     # Llama2 and Baichuan2 both ship a sentencepiece model; LlamaTokenizer reads any of them.
-    return LlamaTokenizer(vocab_file=path)
+    return LlamaTokenizer(vocab_file=str(ours.path))
+
+
+def answer_ids(sequence, prompt_length, stop_ids):
+    """The generated ids after the prompt, up to (without) the first stop id."""
+    generated = list(sequence[prompt_length:])
+    ends = [i for i, t in enumerate(generated) if t in stop_ids]
+    return generated[:ends[0]] if ends else generated
 
 
 def _model(model_section, params, use_past):
@@ -76,7 +83,6 @@ def main(request_path):
     with open(request_path) as f:
         request = json.load(f)
     import mindspore as ms
-    from mindformers import pipeline
 
     on_cpu = request["device"] == "cpu"
     ms.set_context(mode=0, device_target="CPU" if on_cpu else "Ascend")
@@ -84,7 +90,7 @@ def main(request_path):
         config = yaml.safe_load(f)
     params = ms.load_checkpoint(request["checkpoint"])
     # Incremental decoding (use_past) runs Ascend-only kernels (ApplyRotaryPosEmb, paged attention); on the
-    # CPU the pipeline recomputes the whole sequence each step instead.
+    # CPU generate() recomputes the whole sequence each step instead.
     use_past = not on_cpu
     model = _model(config["model"], params, use_past)
     _load_weights(model, params)
@@ -92,13 +98,20 @@ def main(request_path):
         _use_cpu_argmax(model)
     model.set_train(False)
     tokenizer = _tokenizer(request["tokenizer"])
-    generator = pipeline(task="text_generation", model=model, tokenizer=tokenizer)
-    # Stop at the tokenizer's end of text, which the model config's default id need not match.
-    stop = {"eos_token_id": [tokenizer.eos_token_id]} if tokenizer.eos_token_id is not None else {}
+    # generate() rather than the text-generation pipeline, which decodes without special tokens: the ids
+    # are needed to cut the answer at the template's end token. The prompt starts as `launcher data
+    # prepare` starts a record: with BOS only where it puts one.
+    bos = [] if request["bos_id"] is None else [request["bos_id"]]
+    stop = request["stop_ids"]
     outputs = []
     for prompt in request["prompts"]:
-        result = generator(prompt, max_new_tokens=request["max_new_tokens"], do_sample=False, **stop)
-        outputs.append({"prompt": prompt, "text": result[0]["text_generation_text"][0]})
+        ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        [sequence] = model.generate(ids, max_new_tokens=request["max_new_tokens"], do_sample=False,
+                                    eos_token_id=stop)
+        sequence = [int(t) for t in sequence]
+        answer = answer_ids(sequence, len(ids), stop)
+        outputs.append({"prompt": prompt, "text": tokenizer.decode(sequence, skip_special_tokens=True),
+                        "answer": tokenizer.decode(answer, skip_special_tokens=True).strip()})
     with open(request["result"] + ".tmp", "w") as f:
         json.dump({"outputs": outputs, "checkpoint": request["checkpoint"], "use_past": use_past}, f, indent=2)
     os.replace(request["result"] + ".tmp", request["result"])
