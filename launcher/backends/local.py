@@ -22,7 +22,7 @@ from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run,
 from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, ConfigError, LauncherError
 from launcher.liveview import LiveView, rank_exit_codes
-from launcher.plan import STATUS_DIR, LaunchPlan
+from launcher.plan import ENV_PATH, STATUS_DIR, LaunchPlan
 from launcher.runs import NODE_LOG, PLAN_DIR, RunRecord
 from launcher.models import model_spec
 from launcher.spec import Job
@@ -33,9 +33,17 @@ _MSRUN_WORKER_FAILED = re.compile(r"Worker process (\d+) exit with exception")
 
 # MindSpore's graph compile cache (mindspore/common/api.py reads MS_COMPILER_CACHE_ENABLE and
 # MS_COMPILER_CACHE_PATH): compiling SmolLM2's 30 layers on the CPU takes minutes, loading them seconds.
-# MindSpore detects only some changes of the network itself, so the cache folder is keyed by everything
-# that shapes the graph: the MindSpore version and the run's MindFormers config without its paths.
+# A job turns it on with `env: {MS_COMPILER_CACHE_ENABLE: "1"}` (not every graph can be cached: the tiny
+# model's SGD step fails with "Cannot export a PyExecute CNode in MindIR"), and the local backend gives
+# it a folder outside the run. MindSpore detects only some changes of the network itself, so the folder
+# is keyed by everything that shapes the graph: the MindSpore version, the entrypoint and the run's
+# MindFormers config without its paths.
 _RUN_PATHS = ("load_checkpoint", "output_dir", "dataset_dir", "src_strategy_path_or_dir")
+_CACHE_ON = re.compile(r"^export MS_COMPILER_CACHE_ENABLE=(1|'1'|True)$", re.MULTILINE)
+
+
+def wants_compile_cache(plan: LaunchPlan) -> bool:
+    return bool(_CACHE_ON.search(plan.artifacts.get(ENV_PATH, "")))
 
 
 def compile_cache_env(run_dir: Path) -> dict[str, str]:
@@ -58,13 +66,14 @@ def compile_cache_env(run_dir: Path) -> dict[str, str]:
         version = "unknown"
     entrypoint = (run_dir / PLAN_DIR / "entrypoint" / "finetune.py").read_bytes()
     key = hashlib.sha256(repr((version, without_paths(config))).encode() + entrypoint).hexdigest()[:16]
-    return {"MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": str(cache_root() / "compile" / key)}
+    return {"MS_COMPILER_CACHE_PATH": str(cache_root() / "compile" / key)}
 
 
-def node_environment(run_id: str, job_name: str, run_dir: Path | None = None) -> dict[str, str]:
+def node_environment(run_id: str, job_name: str, cache_from: Path | None = None) -> dict[str, str]:
+    """cache_from: the run directory whose config keys the compile cache, when the job turned it on."""
     env = dict(os.environ)
-    if run_dir is not None and (run_dir / PLAN_DIR / "mindformers" / "run.yaml").is_file():
-        env.update(compile_cache_env(run_dir))  # the job's env: entries, sourced later, still win
+    if cache_from is not None:
+        env.update(compile_cache_env(cache_from))
     env[nodectl.RUN_ID_VAR] = run_id
     env[nodectl.JOB_VAR] = job_name
     env[nodectl.NODE_VAR] = "0"
@@ -80,7 +89,7 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
         proc = subprocess.Popen(
             ["bash", str(run_dir / PLAN_DIR / node.script)],
             cwd=run_dir,
-            env=node_environment(record.run_id, plan.job_name, run_dir),
+            env=node_environment(record.run_id, plan.job_name, run_dir if wants_compile_cache(plan) else None),
             stdin=subprocess.DEVNULL,
             stdout=node_log,
             stderr=subprocess.STDOUT,
