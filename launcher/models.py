@@ -76,7 +76,7 @@ def model_spec(model: str) -> Model:
     """What the launcher knows of a job's model: a shipped one, or an imported directory."""
     from launcher.weights.imported import is_imported
 
-    return MODELS[model] if model in MODELS else IMPORTED if is_imported(model) else MODELS[model]
+    return IMPORTED if model not in MODELS and is_imported(model) else MODELS[model]
 
 
 def release_line(version: str) -> tuple[int, int]:

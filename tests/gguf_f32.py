@@ -36,6 +36,22 @@ def _permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def add_llama_tensors(w, tensors, heads: int, kv_heads: int) -> None:
+    """Hugging Face-named tensors into a GGUFWriter under llama.cpp's names, q and k rows permuted."""
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array, np.float32)
+        if name in GGUF_TOP:
+            w.add_tensor(GGUF_TOP[name], array)
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        module, kind = rest.rsplit(".", 1)
+        if module == "self_attn.q_proj":
+            array = _permute(array, heads)
+        elif module == "self_attn.k_proj":
+            array = _permute(array, kv_heads)
+        w.add_tensor(f"blk.{layer}.{GGUF_BLOCK[module]}.{kind}", array)
+
+
 def write_f32_gguf(path, tensors, config: dict, vocabulary_from) -> None:
     """A llama GGUF of float32 tensors (Hugging Face names), its vocabulary copied from another GGUF file."""
     import gguf
@@ -59,18 +75,7 @@ def write_f32_gguf(path, tensors, config: dict, vocabulary_from) -> None:
     w.add_token_merges(source.fields["tokenizer.ggml.merges"].contents())
     w.add_add_bos_token(False)
     w.add_eos_token_id(config["eos_token_id"])
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array, np.float32)
-        if name in GGUF_TOP:
-            w.add_tensor(GGUF_TOP[name], array)
-            continue
-        _, _, layer, rest = name.split(".", 3)
-        module, kind = rest.rsplit(".", 1)
-        if module == "self_attn.q_proj":
-            array = _permute(array, config["num_attention_heads"])
-        elif module == "self_attn.k_proj":
-            array = _permute(array, config["num_key_value_heads"])
-        w.add_tensor(f"blk.{layer}.{GGUF_BLOCK[module]}.{kind}", array)
+    add_llama_tensors(w, tensors, config["num_attention_heads"], config["num_key_value_heads"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -165,15 +165,8 @@ def test_bad_sources_are_one_line_and_leave_nothing(tmp_path, damage, message):
 def write_gguf(path, weights):
     """A float32 GGUF the way llama.cpp's converter writes a Llama: its names and q/k row permutation."""
     import gguf
+    from gguf_f32 import add_llama_tensors
 
-    def permute(w, heads):  # convert_hf_to_gguf.py LlamaModel.permute
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(LAYERS)
     w.add_embedding_length(HIDDEN)
@@ -190,18 +183,7 @@ def write_gguf(path, weights):
     w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
     w.add_token_merges(["a b"])
     w.add_eos_token_id(2)
-    for hf, array in weights.items():
-        if hf.startswith("model.layers."):
-            _, _, l, rest = hf.split(".", 3)
-            mod, kind = rest.rsplit(".", 1)
-            name = f"blk.{l}.{block[mod]}.{kind}"
-            if mod == "self_attn.q_proj":
-                array = permute(array, HEADS)
-            elif mod == "self_attn.k_proj":
-                array = permute(array, KV_HEADS)
-        else:
-            name = names[hf]
-        w.add_tensor(name, array)
+    add_llama_tensors(w, weights, HEADS, KV_HEADS)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -146,7 +146,7 @@ def merge_lora(run_dir: Path, base_path: Path, adapter_path: Path | None = None,
     adapter_path = adapter_path or default_adapter(run_dir)
     if not adapter_path.is_file():
         raise ConfigError(f"--adapter: {adapter_path} does not exist")
-    with ckpt.publishing(run_dir, MERGED_LORA_DIR) as staging:
+    with ckpt.publishing(run_dir / MERGED_LORA_DIR) as staging:
         out = staging / adapter_path.name
         layers, base_differs = fold_files(base_path, adapter_path, out, rank, alpha)
         digest = ckpt.write_sha256(out)

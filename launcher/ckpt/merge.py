@@ -106,15 +106,15 @@ def merged_name(rank_file: Path) -> str:
 # ---- publishing: staging directory, then one rename ----
 
 @contextlib.contextmanager
-def publishing(run_dir: Path, name: str):
-    """Yield runs/<id>/.<name>.partial/, emptied (what an interrupted earlier command left is dropped);
-    when the block succeeds it replaces runs/<id>/<name>/ (the caller checked --force). Never left behind."""
-    staging = run_dir / f".{name}.partial"
+def publishing(target: Path):
+    """Yield the hidden sibling .<name>.partial/ of the directory `target`, emptied (what an interrupted
+    earlier command left is dropped); when the block succeeds it replaces `target` (the caller checked
+    --force). Never left behind."""
+    staging = target.parent / f".{target.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging.mkdir(parents=True)
     try:
         yield staging
-        target = run_dir / name
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -168,7 +168,7 @@ def filter_run(run_dir: Path, force: bool = False) -> list[Filtered]:
     """Write filtered/rank_N/<name>.ckpt for every rank; the rows tell the sizes before and after."""
     check_writable(run_dir, FILTERED_DIR, force)
     checkpoints = rank_checkpoints(run_dir)
-    with publishing(run_dir, FILTERED_DIR) as staging:
+    with publishing(run_dir / FILTERED_DIR) as staging:
         rows = filter_into(checkpoints, staging)
     target = run_dir / FILTERED_DIR
     return [Filtered(r.rank, r.source, target / r.dest.relative_to(staging), r.size_before, r.size_after, r.dropped)
@@ -342,7 +342,7 @@ def merge_run(run_dir: Path, force: bool = False, atol: float = 0.0) -> Merged:
     check_writable(run_dir, MERGED_DIR, force)
     _, model_parallel, pipeline_stage = parallel_layout(run_dir)
     ranks = rank_checkpoints(run_dir)
-    with publishing(run_dir, MERGED_DIR) as staging, \
+    with publishing(run_dir / MERGED_DIR) as staging, \
             tempfile.TemporaryDirectory(prefix=".merge-work.", dir=run_dir) as tmp:
         work = Path(tmp)
         sources = filtered_checkpoints(run_dir)

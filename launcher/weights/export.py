@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -55,21 +54,27 @@ def _tokenizer_source(run_dir: Path, given: str | None) -> Path | None:
     return Path(json.loads(record.read_text())["tokenizer"]) if record.is_file() else None
 
 
-def _scan(path: Path, mc: dict) -> tuple[list[tuple[str, str, np.dtype, tuple]], bool]:
-    """[(MindFormers name, Hugging Face name, dtype, shape)] and whether lm_head equals the embedding."""
-    rows, digests, unknown = [], {}, []
+def _model_tensors(path: Path):
+    """(MindFormers name, Hugging Face name or None, array in a safetensors dtype) of every model parameter,
+    one at a time; training state is skipped and LoRA weights are refused (the export is of a folded model)."""
     for name, array in iter_params(path):
         if ckpt.is_training_state(name):
             continue
         if is_lora(name):
             raise ConfigError(f"{path} still holds LoRA weights ({name}); export the folded checkpoint "
                               "('launcher ckpt merge-lora')")
-        hf = families.hf_name(name)
+        if array.dtype not in SAFETENSORS_DTYPES:
+            array = array.astype(np.float32)  # bfloat16 comes back from the reader as float32
+        yield name, families.hf_name(name), array
+
+
+def _scan(path: Path, mc: dict) -> tuple[list[tuple[str, str, np.dtype, tuple]], bool]:
+    """[(MindFormers name, Hugging Face name, dtype, shape)] and whether lm_head equals the embedding."""
+    rows, digests, unknown = [], {}, []
+    for name, hf, array in _model_tensors(path):
         if hf is None:
             unknown.append(name)
             continue
-        if array.dtype not in SAFETENSORS_DTYPES:
-            array = array.astype(np.float32)  # bfloat16 comes back from the reader as float32
         if name in (EMBEDDING, LM_HEAD):
             digests[name] = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
         rows.append((name, hf, array.dtype, tuple(array.shape)))
@@ -96,11 +101,9 @@ def write_safetensors(path: Path, rows, checkpoint: Path, skip: set[str]) -> Non
     with open(path, "wb", buffering=1 << 22) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, array in iter_params(checkpoint):
-            if name in skip or ckpt.is_training_state(name) or families.hf_name(name) is None:
-                continue
-            if array.dtype not in SAFETENSORS_DTYPES:
-                array = array.astype(np.float32)
+        for name, _, array in _model_tensors(checkpoint):
+            if name in skip:
+                continue  # every other name has its Hugging Face one: _scan refused the rest
             f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
@@ -118,10 +121,7 @@ def export_run(run_dir: Path, out: Path, checkpoint: str | None = None, tokenize
     family = families.FAMILIES["qwen2" if mc.get("qkv_has_bias") else "llama"]
     rows, tied = _scan(source, mc)
     tok_source = _tokenizer_source(run_dir, tokenizer)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with ckpt.publishing(out) as staging:
         write_safetensors(staging / "model.safetensors", rows, source, {LM_HEAD} if tied else set())
         dtype = "float16" if rows[0][2] == np.float16 else "float32"
         config = families.hf_config(mc, family, tied, dtype)
@@ -129,11 +129,6 @@ def export_run(run_dir: Path, out: Path, checkpoint: str | None = None, tokenize
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         copied = _copy_tokenizer(tok_source, staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"checkpoint": source, "parameters": len(rows) - tied, "tied": tied, "family": family.name,
             "tokenizer": copied}
 

@@ -17,6 +17,7 @@ Facts from ggml-org/llama.cpp (gguf-py/gguf/constants.py, tensor_mapping.py; con
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,15 @@ class GgufModel:
             heads = self.config["num_attention_heads"] if "attn_q" in gguf_name else self.config["num_key_value_heads"]
             values = unpermute_rotary(values, heads)
         return values
+
+    def source_files(self) -> list[Path]:
+        return [self.path]
+
+    def write_tokenizer(self, target: Path) -> None:
+        """tokenizer.json and tokenizer_config.json rebuilt from the GGUF vocabulary."""
+        tok, config = self.tokenizer()
+        tok.save(str(target / "tokenizer.json"))
+        (target / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def tokenizer(self):
         """(tokenizers.Tokenizer, tokenizer_config dict) rebuilt from the GGUF vocabulary."""

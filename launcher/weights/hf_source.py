@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import shutil
 import struct
 from pathlib import Path
 
@@ -91,6 +92,14 @@ class HfModel:
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+
+    def write_tokenizer(self, target: Path) -> None:
+        """The directory's own tokenizer files, copied as they are."""
+        files = self.tokenizer_files()
+        if not any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in files):
+            raise ConfigError(f"{self.path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+        for f in files:
+            shutil.copyfile(f, target / f.name)
 
     def source_files(self) -> list[Path]:
         return [self.path / "config.json", *self.files, *self.tokenizer_files()]

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from launcher.ckpt.merge import publishing
 from launcher.errors import ConfigError
 from launcher.weights import families
 from launcher.weights.imported import MODEL_FILE, CHECKPOINT_FILE, TOKENIZER_DIR
@@ -128,20 +127,6 @@ def plan_tensors(source, mc: dict) -> list[tuple[str, str, str, slice | None]]:
     return planned
 
 
-def _tokenizer_into(source, target: Path) -> None:
-    target.mkdir()
-    if hasattr(source, "tokenizer_files"):
-        files = source.tokenizer_files()
-        if not any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in files):
-            raise ConfigError(f"{source.path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
-        for f in files:
-            shutil.copyfile(f, target / f.name)
-        return
-    tok, config = source.tokenizer()
-    tok.save(str(target / "tokenizer.json"))
-    (target / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-
 def choose_pad(mc: dict, tokenizer_dir: Path) -> None:
     """Pick a pad id no conversation holds, and write it to both the model config and tokenizer_config.json.
 
@@ -176,7 +161,7 @@ def import_model(src: Path, out: Path, dtype: str = "float32", force: bool = Fal
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: {dtype} is not one of {', '.join(DTYPES)}")
     source = open_source(Path(src))
-    files = source.source_files() if hasattr(source, "source_files") else [source.path]
+    files = source.source_files()
     total = sum(f.stat().st_size for f in files)
     done = [0]
 
@@ -196,11 +181,7 @@ def import_model(src: Path, out: Path, dtype: str = "float32", force: bool = Fal
     mc = families.mf_model_config(source.config, source.family)
     shapes = expected_shapes(mc)
     planned = plan_tensors(source, mc)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with publishing(out) as staging:
         values = 0
         with CheckpointWriter(staging / CHECKPOINT_FILE) as writer:
             for i, (mf, hf, name, rows) in enumerate(planned):
@@ -216,7 +197,8 @@ def import_model(src: Path, out: Path, dtype: str = "float32", force: bool = Fal
                 values += tensor.size
                 if progress:
                     progress("tensor", i + 1, len(planned))
-        _tokenizer_into(source, staging / TOKENIZER_DIR)
+        (staging / TOKENIZER_DIR).mkdir()
+        source.write_tokenizer(staging / TOKENIZER_DIR)
         choose_pad(mc, staging / TOKENIZER_DIR)
         record = {
             "format": "launcher-model/1",
@@ -230,9 +212,4 @@ def import_model(src: Path, out: Path, dtype: str = "float32", force: bool = Fal
             "model_config": mc,
         }
         (staging / MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return Imported(out, source.family.name, len(planned), int(values), cached=False)
