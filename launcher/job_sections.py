@@ -305,3 +305,44 @@ class Output(Strict):
     runs_dir: str = "runs"
     shared: bool = Field(False, description="every node sees the same output/ (a shared disk); multi-node "
                          "checkpoint.auto_trans needs it")
+
+
+class SecretSource(Strict):
+    """Where one secret environment value comes from. Its value is read when the ranks start and is
+    never written into the plan, the rendered artifacts, run.json or anything gathered."""
+
+    from_env: str | None = Field(None, description="a variable of the launcher's own environment")
+    from_file: str | None = Field(None, description="a file on this machine holding the value (~ is expanded; "
+                                  "one trailing line break is dropped)")
+    secret: str | None = Field(None, description="k8s: the name of an existing Secret in the namespace")
+    key: str | None = Field(None, description="k8s: the key of that Secret")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretSource:
+        given = [name for name in ("from_env", "from_file", "secret") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of from_env, from_file, or secret (with key)")
+        if (self.secret is None) != (self.key is None):
+            raise ValueError("a Kubernetes Secret reference needs both secret and key")
+        if self.from_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.from_env):
+            raise ValueError(f"from_env: '{self.from_env}' is not an environment variable name")
+        if self.secret is not None and not _DNS_SUBDOMAIN_RE.match(self.secret):
+            raise ValueError(f"secret: '{self.secret}' is not a Secret name")
+        return self
+
+
+class Monitor(Strict):
+    tensorboard: bool = Field(False, description="MindFormers writes TensorBoard event files; they are gathered "
+                              "into runs/<id>/tensorboard/rank_N/")
+
+
+class Notify(Strict):
+    webhook: str | None = Field(None, description="an http(s) URL that gets a JSON POST when the run starts, "
+                                "fails, restarts and ends; a failed post is only a warning")
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"'{v}' is not an http:// or https:// URL")
+        return v

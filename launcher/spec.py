@@ -24,8 +24,11 @@ from launcher.job_sections import (
     Image,
     Lora,
     MindFormers,
+    Monitor,
+    Notify,
     Output,
     Parallel,
+    SecretSource,
 )
 from launcher.models import MODELS, MSRUN_FROM, model_spec, release_line
 from launcher.weights.imported import is_imported
@@ -49,6 +52,10 @@ class Job(Strict):
     image: Image = Image()
     output: Output = Output()
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for every rank")
+    secret_env: dict[str, SecretSource] = Field(default_factory=dict, description="environment for every rank "
+                                                "whose values are secret: read when the ranks start, never written")
+    monitor: Monitor = Monitor()
+    notify: Notify = Notify()
 
     @field_validator("name")
     @classmethod
@@ -73,6 +80,14 @@ class Job(Strict):
                 raise ValueError(f"'{key}' is not a valid environment variable name")
             if "\0" in value or "\n" in value or "\r" in value:
                 raise ValueError(f"the value of {key} holds a NUL byte or a line break; give it on one line")
+        return v
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_env(cls, v: dict[str, SecretSource]) -> dict[str, SecretSource]:
+        for key in v:
+            if not ENV_NAME_RE.match(key):
+                raise ValueError(f"'{key}' is not a valid environment variable name")
         return v
 
     @model_validator(mode="after")
