@@ -24,6 +24,7 @@ from launcher.spec import Job, mindformers_release, runs_in_image
 
 PLAN_FILE = "plan.json"
 CONFIG_PATH = "mindformers/run.yaml"
+JOB_PATH = "job.yaml"  # the job as it ran: what the file (and any --set) gave, paths resolved
 ENV_PATH = "env/job.env"
 ENTRYPOINT_PATH = "entrypoint/finetune.py"
 RANKTABLE_PATH = "ranktable/hccl.json"
@@ -273,6 +274,8 @@ def build_plan(job: Job) -> LaunchPlan:
 
     if cluster.backend == "k8s":
         artifacts.update(_k8s_artifacts(job, artifacts, slots, steps, master_addr))
+    # For review and `launcher compare`; added after the pods' files were chosen, since no rank reads it.
+    artifacts[JOB_PATH] = to_yaml(job.model_dump(mode="json", exclude_unset=True))
 
     return LaunchPlan(
         job_name=job.name,
