@@ -1,10 +1,12 @@
-"""Gather a run into runs/<run-id>/: per-rank files, manifest.json, summary.json and loss.png.
+"""Gather a run into runs/<run-id>/: per-rank files, manifest.json, summary.json, loss.png and report.html.
 
 Layout of runs/<run-id>/ranks/rank_N/:
   log/         MindFormers' output/log/rank_N/*  (info.log, error.log)
   console.log  the rank's stdout/stderr (msrun's worker_N.log, or the rank-table script's rank log)
   checkpoint/  output/checkpoint/rank_N/*
   strategy/    this rank's parallel strategy files, if any
+and runs/<run-id>/tensorboard/rank_N/: output/tensorboard/rank_N/* (monitor.tensorboard), one directory per
+rank as TensorBoard's --logdir expects.
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import logparse
+from launcher import logparse, report
 from launcher.errors import BackendError
 from launcher.plan import LaunchPlan
-from launcher.runs import MANIFEST, RANKS_DIR
+from launcher.runs import MANIFEST, RANKS_DIR, SUMMARY, TENSORBOARD_DIR
 
-SUMMARY = "summary.json"
 LOSS_PLOT = "loss.png"
 _CHUNK = 1 << 20
 
@@ -42,15 +43,18 @@ def rank_dir(rank: int) -> str:
 
 
 def wanted_from_paths(plan: LaunchPlan, paths: list[str], ranks=None) -> list[Wanted]:
-    """Map a node's files (paths relative to its work directory) to their places under ranks/rank_N/."""
+    """Map a node's files (paths relative to its work directory) to their places under ranks/rank_N/
+    (and tensorboard/rank_N/)."""
     out = []
     present = sorted(paths)
     for rank in ranks if ranks is not None else range(plan.world_size):
         base = rank_dir(rank)
-        log_glob, console, ckpt_glob, strategy_glob = plan.collect_sources(rank)
-        for pattern, sub in ((log_glob, "log"), (ckpt_glob, "checkpoint"), (strategy_glob, "strategy")):
+        log_glob, console, ckpt_glob, strategy_glob, events_glob = plan.collect_sources(rank)
+        folders = ((log_glob, f"{base}/log"), (ckpt_glob, f"{base}/checkpoint"), (strategy_glob, f"{base}/strategy"),
+                   (events_glob, f"{TENSORBOARD_DIR}/rank_{rank}"))
+        for pattern, folder in folders:
             for path in fnmatch.filter(present, pattern):
-                out.append(Wanted(rank, path, f"{base}/{sub}/{posixpath.basename(path)}"))
+                out.append(Wanted(rank, path, f"{folder}/{posixpath.basename(path)}"))
         if console in present:
             out.append(Wanted(rank, console, f"{base}/console.log"))
     return out
@@ -103,7 +107,7 @@ def gather_local(plan: LaunchPlan, workdir: Path, run_dir: Path) -> list[Wanted]
 
 def manifest_entries(run_dir: Path) -> dict[str, dict]:
     files = {}
-    for top in (RANKS_DIR, "plan", "nodes"):
+    for top in (RANKS_DIR, TENSORBOARD_DIR, "plan", "nodes"):
         for path in sorted((run_dir / top).rglob("*")):
             if path.is_file() and not path.name.endswith(".partial"):
                 files[str(path.relative_to(run_dir))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
@@ -178,12 +182,15 @@ def plot_losses(curves: dict[int, list[logparse.StepRecord]], out: Path, title: 
 
 
 def finish(plan: LaunchPlan, run_dir: Path, record) -> dict:
-    """After the files are in place: manifest.json, summary.json and loss.png."""
+    """After the files are in place: manifest.json, summary.json, loss.png, then report.html from them.
+    The last three are made from the gathered files on every gather, so the manifest does not list them."""
     write_manifest(run_dir)
-    return write_summary(plan, run_dir, {
+    summary = write_summary(plan, run_dir, {
         "run_id": record.run_id, "job": record.job_name, "state": record.state, "exit_code": record.exit_code,
         "failed_rank": record.failed_rank, "message": record.message,
     })
+    report.write_report(run_dir, plan, record, summary, run_dir / LOSS_PLOT, failed_rank_tail(run_dir, record))
+    return summary
 
 
 def failed_rank_tail(run_dir: Path, record, lines: int = 20) -> str:

@@ -5,12 +5,15 @@ backend creates the objects, and are rendered as placeholders it replaces:
 - the run id: a rendered plan can run many times, so the `launcher/run-id` label carries the job name;
 - the owner's uid: every object is owned by the job's ConfigMap (deleting it deletes the rest), and an
   ownerReference needs the uid the API server gives the ConfigMap when it is created.
-Secrets (image pull secrets, storage keys) are referenced by name only; nothing secret is rendered.
+Secrets (image pull secrets, storage keys, secret_env) are referenced by name only; nothing secret is
+rendered. The job's from_env/from_file values go into a Secret that the k8s backend creates for each run:
+`<job>-secret-env` here (renamed per run like the rest), one key per variable; whoever applies these
+manifests with kubectl creates it.
 """
 
 from __future__ import annotations
 
-from launcher import k8s_ascend
+from launcher import k8s_ascend, secret_env
 from launcher.spec import Job
 
 PLAN_MOUNT = "/launcher/plan"  # the ConfigMap, with the plan's files at their relative paths
@@ -137,8 +140,22 @@ def _field_env(name: str, field_path: str) -> dict:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field_path}}}
 
 
+def secret_env_vars(job: Job) -> list[dict]:
+    """The job's secret_env as references, never values. Kubernetes API (kubernetes/api core/v1
+    types.go): EnvVar.valueFrom is an EnvVarSource, whose secretKeyRef is a SecretKeySelector, the
+    Secret's name (LocalObjectReference) and key; the Secret must be in the pod's namespace."""
+    out = []
+    for name, source in job.secret_env.items():
+        ref = ({"name": source.secret, "key": source.key} if source.secret is not None
+               else {"name": secret_env.secret_name(job.name), "key": name})
+        out.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
+    return out
+
+
 def _container(job: Job, name: str, command: list[str], env: list[dict], npus: int, ports=()) -> dict:
     ascend = job.cluster.device == "ascend"
+    # Every container runs the job's entrypoint, as every process does under msrun on the other backends.
+    env = [*env, *secret_env_vars(job)]
     if job.cluster.k8s.host_network:
         # HCCL's host NIC: the node's address, which the pod shares with host networking.
         env = [*env, _field_env("HCCL_IF_IP", "status.hostIP")]

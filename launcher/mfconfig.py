@@ -80,12 +80,38 @@ def build(job: Job) -> dict:
         }
     else:
         model_config.pop("pet_config", None)
+    if job.monitor.tensorboard:
+        cfg["tensorboard"] = tensorboard_section(job)
     for dotted, value in job.mindformers.overrides.items():
         apply_override(cfg, dotted, value)
     fit_to_release(cfg, mindformers_release(job)[0] or TARGET_RELEASE)
     if job.mindformers.overrides and "train_dataset_task" in cfg:
         cfg["train_dataset_task"]["dataset_config"] = copy.deepcopy(cfg["train_dataset"])
     return cfg
+
+
+# Where the ranks write TensorBoard events, relative to the node's work directory; MindFormers adds rank_N.
+TENSORBOARD_OUTPUT = f"{OUTPUT_DIR}/tensorboard"
+# The first release with TensorBoard output (mindformers/utils/tensorboard.py appears in v1.4.0-beta1).
+_TENSORBOARD_FROM = (1, 4)
+
+
+def tensorboard_section(job: Job) -> dict:
+    """MindFormers' tensorboard section (mindformers r1.8.0). trainer/base_trainer.py, training_process:
+    `if config.tensorboard.tensorboard_dir` is a string, it becomes
+    os.path.join(tensorboard_dir, f"rank_{get_real_rank()}") and utils/tensorboard.py _set_tensorboard_writer
+    opens a tensorboardX SummaryWriter there (max_queue=tensorboard_queue_size, default 10); the
+    MFLossMonitor (core/callback/callback.py, print_output_info) then adds the scalar 'loss' (and
+    'grad-norm', 'batch-size', 'learning-rate') at each logged global step. Each rank writes its own
+    directory, output/tensorboard/rank_N, which gather copies to runs/<id>/tensorboard/rank_N.
+    tensorboard_queue_size is written out because utils/tensorboard.py _handle_tensorboard reads it.
+    The ranks log "Some configs in yaml are useless for finetune: ['tensorboard']": tools/register/template.py
+    leaves the section out of its template but keeps it in the config, and the trainer reads it there."""
+    version, where = mindformers_release(job)
+    if release_line(version or TARGET_RELEASE) < _TENSORBOARD_FROM:
+        raise ConfigError(f"monitor.tensorboard: MindFormers {version} ({where}) writes no TensorBoard events; "
+                          "it came with MindFormers 1.4. Run a newer release or set monitor.tensorboard: false")
+    return {"tensorboard_dir": TENSORBOARD_OUTPUT, "tensorboard_queue_size": 10}
 
 
 # The checkpoint callback's registered name: CheckpointMointor (sic) up to MindFormers 1.1, CheckpointMonitor

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from launcher import helm_values, k8s_ascend, k8s_manifests, mfconfig, ranktable
+from launcher import helm_values, k8s_ascend, k8s_manifests, mfconfig, ranktable, secret_env
 from launcher.errors import ConfigError
 from launcher.render import render_template, to_json, to_yaml
 from launcher.runs import OUTPUT_DIR
@@ -97,6 +97,8 @@ class LaunchPlan:
             f"output/checkpoint/rank_{rank}/*",
             # MindFormers names them ckpt_strategy_rank_N.ckpt; the dot keeps rank 1 from taking rank 10's.
             f"output/strategy/*rank_{rank}.*",
+            # TensorBoard event files (monitor.tensorboard): mfconfig.TENSORBOARD_OUTPUT plus MindFormers' rank_N.
+            f"output/tensorboard/rank_{rank}/*",
         ]
 
     def to_json(self) -> str:
@@ -222,7 +224,8 @@ def build_plan(job: Job) -> LaunchPlan:
 
     artifacts: dict[str, str] = {
         CONFIG_PATH: to_yaml(cfg),
-        ENV_PATH: render_template("job.env.j2", env=job_environment(job), path_variables=PATH_VARIABLES),
+        ENV_PATH: render_template("job.env.j2", env=job_environment(job), path_variables=PATH_VARIABLES,
+                                  secret_names=list(job.secret_env)),
         ENTRYPOINT_PATH: _ENTRYPOINT_SOURCE.read_text(),
     }
     servers = _rank_table_servers(job)
@@ -274,6 +277,8 @@ def build_plan(job: Job) -> LaunchPlan:
 
     if cluster.backend == "k8s":
         artifacts.update(_k8s_artifacts(job, artifacts, slots, steps, master_addr))
+    # Where the secret values come from (never the values), for the backends; the pods do not read it.
+    artifacts.update(secret_env.sources_artifact(job.secret_env))
     # For review and `launcher compare`; added after the pods' files were chosen, since no rank reads it.
     artifacts[JOB_PATH] = to_yaml(job.model_dump(mode="json", exclude_unset=True))
 

@@ -6,13 +6,15 @@ data preparation's progress and report), and results come back as values for the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import gather
+from launcher import gather, notify
 from launcher.backends import base
 from launcher.backends.base import Backend, Outcome, Problem, Run, Status
 from launcher.errors import ConfigError, LauncherError
@@ -37,16 +39,19 @@ class Finished:
     backend: Backend
     outcome: Outcome
     summary: dict
+    notices: list[str] = dataclasses.field(default_factory=list)  # warnings that do not fail the run
 
     @property
     def exit_code(self) -> int:
         return base.exit_code(self.run.record, self.outcome.problems)
 
 
-def load(job_file: str, options: dict | None = None) -> tuple[Job, Path | None, Backend]:
-    """The job with its paths resolved for its backend, the dataset its data: section prepares (None
-    without one), and the backend. dataset.path is set here, before planning, so the plan stays pure."""
-    job = load_job(job_file)
+def load(job_file: str, options: dict | None = None,
+         overrides: Sequence[str] = ()) -> tuple[Job, Path | None, Backend]:
+    """The job (with its --set overrides made) with its paths resolved for its backend, the dataset its
+    data: section prepares (None without one), and the backend. dataset.path is set here, before
+    planning, so the plan stays pure."""
+    job = load_job(job_file, overrides)
     backend = base.get(job.cluster.backend, **(options or {}))
     job = backend.resolve_paths(job, Path.cwd())
     if job.data is None:
@@ -58,8 +63,8 @@ def load(job_file: str, options: dict | None = None) -> tuple[Job, Path | None, 
     return with_dataset(job, dataset_path), prepared, backend
 
 
-def render(job_file: str, output: str | None) -> tuple[LaunchPlan, Path]:
-    job, _, _ = load(job_file)
+def render(job_file: str, output: str | None, overrides: Sequence[str] = ()) -> tuple[LaunchPlan, Path]:
+    job, _, _ = load(job_file, overrides=overrides)
     plan = build_plan(job)
     target = Path(output or f"rendered/{job.name}")
     if target.exists() and any(target.iterdir()) and not (target / "plan.json").exists():
@@ -68,9 +73,10 @@ def render(job_file: str, output: str | None) -> tuple[LaunchPlan, Path]:
     return plan, target
 
 
-def prepare_data(job_file: str, options: dict, events: Events) -> tuple[Job, Path | None, Backend]:
+def prepare_data(job_file: str, options: dict, events: Events,
+                 overrides: Sequence[str] = ()) -> tuple[Job, Path | None, Backend]:
     """load, and the job's data: section prepared (or found in the cache) before anything starts."""
-    job, path, backend = load(job_file, options)
+    job, path, backend = load(job_file, options, overrides)
     if path is None:
         return job, None, backend
     backend.check_data(job)
@@ -80,42 +86,54 @@ def prepare_data(job_file: str, options: dict, events: Events) -> tuple[Job, Pat
     return job, path, backend
 
 
-def up(job: str, runs_dir: Path, options: dict, events: Events) -> Finished:
+def up(job: str, runs_dir: Path, options: dict, events: Events, overrides: Sequence[str] = ()) -> Finished:
     """Start JOB (a job file or a rendered plan directory), watch it, stop it, gather and verify it.
-    options: the backend's (see each backend's OPTIONS); those of other backends are ignored."""
+    options: the backend's (see each backend's OPTIONS); those of other backends are ignored.
+    overrides: `--set key=value` changes to a job file, recorded in run.json."""
     spec, data_path = None, None
     if Path(job).is_dir():
+        if overrides:
+            raise ConfigError("--set changes a job file; a rendered directory is already rendered")
         plan = LaunchPlan.read(Path(job))
         backend = base.get(plan.backend, **options)
         backend.check_plan(plan)
     else:
-        spec, data_path, backend = prepare_data(job, options, events)
+        spec, data_path, backend = prepare_data(job, options, events, overrides)
         backend.check_host(spec)
         plan = build_plan(spec)
         completed = backend.complete(spec, plan, runs_dir, events)
         if completed is not spec:
             plan = build_plan(completed)
-    run = _new_run(plan, runs_dir, backend, events)
+    run = _new_run(plan, runs_dir, backend, events, overrides)
     if data_path is not None:
         from launcher.data.cache import record_run_data
 
         record_run_data(spec, data_path, run.dir)
         backend.stage_dataset(data_path, run.dir)
+    notifier = notify.Notifier(notify.webhook_of(plan))
+    notifier.send("started", run.record, run.dir)
     try:
         outcome = backend.execute(run, events)
-    except LauncherError:
-        if RunRecord.load(run.dir).state == "starting":
+    except LauncherError as err:
+        record = RunRecord.load(run.dir)
+        notifier.ended(dataclasses.replace(record, state="failed", message=str(err)), run.dir)
+        if record.state == "starting":
             shutil.rmtree(run.dir)  # nothing ran anywhere: leave no run behind
+        for warning in notifier.warnings:
+            events.info(f"warning: {warning}")
         raise
-    return Finished(run, backend, outcome, gather.finish(plan, run.dir, run.record))
+    summary = gather.finish(plan, run.dir, run.record)
+    notifier.ended(run.record, run.dir)
+    return Finished(run, backend, outcome, summary, notifier.warnings)
 
 
-def _new_run(plan: LaunchPlan, runs_dir: Path, backend: Backend, events: Events) -> Run:
+def _new_run(plan: LaunchPlan, runs_dir: Path, backend: Backend, events: Events,
+             overrides: Sequence[str] = ()) -> Run:
     runs_dir.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id(plan.job_name, runs_dir)
     run_dir = (runs_dir / run_id).resolve()
     plan.write(run_dir / PLAN_DIR)
-    record = RunRecord(run_id, plan.job_name, plan.backend, "starting", time.time())
+    record = RunRecord(run_id, plan.job_name, plan.backend, "starting", time.time(), overrides=list(overrides))
     record.save(run_dir)
     events.info(f"run [bold]{run_id}[/] — {plan.world_size} ranks, {plan.launch} on {backend.where(plan)}")
     return Run(run_dir, record, plan)

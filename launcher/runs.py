@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from launcher.errors import ConfigError
@@ -25,6 +25,9 @@ NODE_LOG = "node-0.log"  # the local node script's output
 TARGET_FILE = "k8s.json"  # how a Kubernetes run reaches its cluster again
 RANKS_DIR = "ranks"  # ranks/rank_N/: each rank's gathered files
 MANIFEST = "manifest.json"  # size and sha256 of every gathered file
+SUMMARY = "summary.json"  # per-rank steps, losses and throughput (gather writes it)
+TENSORBOARD_DIR = "tensorboard"  # tensorboard/rank_N/: each rank's gathered TensorBoard event files
+REPORT = "report.html"  # the run on one self-contained page, rewritten by every gather
 FILTERED_DIR = "filtered"  # launcher ckpt filter
 MERGED_DIR = "merged"  # launcher ckpt merge
 MERGED_LORA_DIR = "merged-lora"  # launcher ckpt merge-lora
@@ -42,6 +45,7 @@ class RunRecord:
     failed_rank: int | None = None
     leader_pid: int | None = None  # process-group leader of the node script (local)
     message: str = ""
+    overrides: list[str] = field(default_factory=list)  # the --set key=value changes the job was started with
 
     def save(self, run_dir: Path) -> None:
         tmp = run_dir / f".{RUN_FILE}.tmp"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from launcher.image import matrix as images
 from launcher.errors import ConfigError
 from launcher.inputs import ENV_NAME_RE, read_yaml_file
+from launcher import secret_env
+from launcher.job_overrides import apply_overrides, blame, parse_override
 from launcher.job_sections import (
     Checkpoint,
     Cluster,
@@ -196,6 +199,16 @@ def check_job(job: Job) -> None:
         raise FieldProblem("cluster.k8s", "a k8s section only applies with backend: k8s")
     if cluster.backend == "local" and len(cluster.nodes) != 1:
         raise FieldProblem("cluster.nodes", "the local backend runs one node; use backend ssh or k8s for more")
+    for name, source in job.secret_env.items():
+        if name in job.env:
+            raise FieldProblem(f"secret_env.{name}", f"{name} is also set in env; give it in env or in secret_env, "
+                               "not both")
+        if source.secret is not None and cluster.backend != "k8s":
+            raise FieldProblem(f"secret_env.{name}", f"a Kubernetes Secret reference needs backend: k8s; on "
+                               f"{cluster.backend} give the value with from_env or from_file")
+        if source.secret == secret_env.secret_name(job.name):
+            raise FieldProblem(f"secret_env.{name}", f"'{source.secret}' is the name of the Secret the launcher "
+                               "creates for each run; name your Secret otherwise")
 
 
 def output_is_shared(job: Job) -> bool:
@@ -304,15 +317,22 @@ def _check_k8s(job: Job) -> None:
             )
 
 
-def parse_job(data: Any, source: str = "job") -> Job:
+def parse_job(data: Any, source: str = "job", overrides: Sequence[str] = ()) -> Job:
+    """The job of a parsed job file, with each `--set key=value` of overrides made before it is validated."""
+    sets = [parse_override(text, Job) for text in overrides]
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the job file must be a YAML mapping of sections (name, model, cluster, ...)")
+    if sets:
+        data = apply_overrides(data, sets)
     try:
         return Job.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {first_error(err, 'job', root=Job)}") from None
+        # A field that a --set gave is reported as that --set's.
+        culprit = blame(err, sets)
+        where = f"--set {culprit.text}" if culprit else f"{source} (with --set)" if sets else source
+        raise ConfigError(f"{where}: {first_error(err, 'job', root=Job)}") from None
 
 
-def load_job(path: str | Path) -> Job:
-    return parse_job(read_yaml_file(path, "job file"), str(path))
+def load_job(path: str | Path, overrides: Sequence[str] = ()) -> Job:
+    return parse_job(read_yaml_file(path, "job file"), str(path), overrides)
 

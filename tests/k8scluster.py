@@ -13,6 +13,8 @@
   pods, refuses pods that request resources the node lacks (a FailedScheduling event, the pod stays
   Pending), runs every container's command as a local process with the pod's environment, and reports
   status.phase, podIP/hostIP and container statuses. A pod deleted from the API has its processes killed.
+  An env secretKeyRef is read from the Secret in the API (a missing Secret or key is a runner error,
+  where a kubelet would leave the container in CreateContainerConfigError).
   Volumes become local directories in a per-pod root: a ConfigMap volume gets the ConfigMap's items
   written as files, an emptyDir is an empty directory, and a PVC is a shared directory per claim
   (pvc_dir(claim)), so gather can read what the pods wrote to output/. Absolute mount paths in the
@@ -23,6 +25,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import itertools
 import json
@@ -42,7 +45,7 @@ import yaml
 from kmock._internal import enums
 
 NODE_RESOURCES = {"cpu", "memory", "ephemeral-storage"}  # what this node has: no huawei.com/Ascend910
-_CORE = ("v1/pods", "v1/configmaps", "v1/services", "v1/events")
+_CORE = ("v1/pods", "v1/configmaps", "v1/services", "v1/secrets", "v1/events")
 
 
 def _now() -> str:
@@ -266,7 +269,11 @@ class PodRunner:
             env = dict(os.environ)
             env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
             for var in container.get("env", []):
-                if "valueFrom" in var:
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    data = self.core.read_namespaced_secret(ref["name"], ns).data or {}
+                    env[var["name"]] = base64.b64decode(data[ref["key"]]).decode()
+                elif "valueFrom" in var:
                     env[var["name"]] = "127.0.0.1"  # fieldRef status.podIP / status.hostIP
                 elif var["value"].endswith(".svc"):
                     env[var["name"]] = "127.0.0.1"  # the Service's DNS name leads to a pod on this host
@@ -343,9 +350,16 @@ class Cluster:
         core = self.runner.core
         found = []
         for kind, fn in (("Pod", core.list_pod_for_all_namespaces), ("ConfigMap", core.list_config_map_for_all_namespaces),
-                         ("Service", core.list_service_for_all_namespaces)):
+                         ("Service", core.list_service_for_all_namespaces),
+                         ("Secret", core.list_secret_for_all_namespaces)):
             found += [f"{kind}/{o.metadata.name}" for o in fn(label_selector=label_selector).items]
         return found
+
+    def stored(self) -> list[tuple[str, dict]]:
+        """(resource plural, object) for every version of every object the API has held, deleted ones
+        included (kmock keeps their history). A version need not say its kind (a status patch does not)."""
+        return [(key[0].plural, version.raw) for key, obj in list(self.api.emulator.objects.items())
+                for version in obj.history if version is not None]
 
     def stop(self):
         self.runner.stop()

@@ -13,11 +13,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
 
-from launcher import gather
+from launcher import gather, secret_env
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status, sigterm_as_interrupt, teardown_shield
 from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, ConfigError, LauncherError
@@ -69,9 +70,12 @@ def compile_cache_env(run_dir: Path) -> dict[str, str]:
     return {"MS_COMPILER_CACHE_PATH": str(cache_root() / "compile" / key)}
 
 
-def node_environment(run_id: str, job_name: str, cache_from: Path | None = None) -> dict[str, str]:
-    """cache_from: the run directory whose config keys the compile cache, when the job turned it on."""
+def node_environment(run_id: str, job_name: str, cache_from: Path | None = None,
+                     secrets: Mapping[str, str] | None = None) -> dict[str, str]:
+    """cache_from: the run directory whose config keys the compile cache, when the job turned it on.
+    secrets: the job's secret_env values, which reach the ranks only through this environment."""
     env = dict(os.environ)
+    env.update(secrets or {})
     if cache_from is not None:
         env.update(compile_cache_env(cache_from))
     env[nodectl.RUN_ID_VAR] = run_id
@@ -82,14 +86,16 @@ def node_environment(run_id: str, job_name: str, cache_from: Path | None = None)
     return env
 
 
-def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console) -> RunRecord:
+def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console,
+            secrets: Mapping[str, str] | None = None) -> RunRecord:
     """Start, watch and always stop the node; then gather. Returns the final record (saved in run.json)."""
     node = plan.nodes[0]
+    cache_from = run_dir if wants_compile_cache(plan) else None
     with (run_dir / NODE_LOG).open("ab") as node_log:
         proc = subprocess.Popen(
             ["bash", str(run_dir / PLAN_DIR / node.script)],
             cwd=run_dir,
-            env=node_environment(record.run_id, plan.job_name, run_dir if wants_compile_cache(plan) else None),
+            env=node_environment(record.run_id, plan.job_name, cache_from, secrets),
             stdin=subprocess.DEVNULL,
             stdout=node_log,
             stderr=subprocess.STDOUT,
@@ -219,6 +225,7 @@ class LocalBackend(Backend):
 
     def check_host(self, job: Job) -> None:
         check_local_host(job)
+        secret_env.resolve(job.secret_env)  # only to fail before anything exists; read again at the start
         if job.cluster.device == "ascend":
             from launcher import ascend
 
@@ -230,13 +237,15 @@ class LocalBackend(Backend):
         if not port_is_free(plan.master_port):
             raise ConfigError(f"port {plan.master_port} of this rendered plan is in use on this machine; "
                               "render it again with a free cluster.master_port")
+        secret_env.resolve(secret_env.plan_sources(plan.artifacts))
 
     def where(self, plan: LaunchPlan) -> str:
         return "this machine"
 
     def execute(self, run: Run, events: Events) -> Outcome:
+        secrets = secret_env.resolve(secret_env.plan_sources(run.plan.artifacts))
         with sigterm_as_interrupt():
-            run.record = execute(run.plan, run.dir, run.record, events.console)
+            run.record = execute(run.plan, run.dir, run.record, events.console, secrets)
         events.info("gathering ...")
         gather.gather_local(run.plan, run.dir, run.dir)
         return Outcome(tail=gather.failed_rank_tail(run.dir, run.record))

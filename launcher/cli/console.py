@@ -6,6 +6,7 @@ import functools
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from launcher.errors import LauncherError
 
@@ -21,7 +22,7 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LauncherError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)  # the text is not markup
             sys.exit(exc.exit_code)
 
     return wrapper

@@ -1,24 +1,48 @@
-"""The command line: parse, call the runner, print. This module and the cli_*.py modules are the only
-places that print errors or exit; none of them knows one backend from another."""
+"""The command line: the `launcher` group. Each command lives in a module of launcher/cli/ and is
+imported only when it runs, so a quick command (`launcher runs`) does not pay for the planner's imports.
+
+These modules are the only places that print errors or exit."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import importlib
 
 import click
-from rich.table import Table
 
-from launcher import runner
-from launcher.cli import ckpt, data, image, model, predict, ranktable
-from launcher.cli.console import err, out, reports_errors
-from launcher.errors import ConfigError
-from launcher.plan import LaunchPlan
+# command name -> "module:attribute" of its click command, in the order `launcher --help` lists them.
+COMMANDS = {
+    "render": "launcher.cli.lifecycle:render",
+    "up": "launcher.cli.lifecycle:up",
+    "status": "launcher.cli.lifecycle:status",
+    "logs": "launcher.cli.lifecycle:logs",
+    "gather": "launcher.cli.lifecycle:gather_cmd",
+    "down": "launcher.cli.lifecycle:down",
+    "runs": "launcher.cli.runs:runs_cmd",
+    "compare": "launcher.cli.runs:compare_cmd",
+    "dataset": "launcher.cli.lifecycle:dataset",
+    "data": "launcher.cli.data:data_cmd",
+    "model": "launcher.cli.model:model_cmd",
+    "ckpt": "launcher.cli.ckpt:ckpt_cmd",
+    "predict": "launcher.cli.predict:predict_cmd",
+    "ranktable": "launcher.cli.ranktable:ranktable_cmd",
+    "preflight": "launcher.cli.ranktable:preflight_cmd",
+    "image": "launcher.cli.image:image",
+}
 
-DEFAULT_RUNS_DIR = "runs"
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        return getattr(importlib.import_module(module), attribute)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="launcher")
 def main() -> None:
     """Launch MindSpore/MindFormers fine-tunes (LoRA or full) from one job file.
@@ -27,198 +51,11 @@ def main() -> None:
     launcher render JOB -o DIR    write every artifact for review
     launcher up JOB               start the job, watch it, gather it into runs/<run-id>/
     launcher status|logs|gather|down RUN
+    launcher runs                 every run, one line each; compare RUN RUN... side by side
     launcher dataset tiny PATH    make the demo dataset for the tiny CPU model
     launcher data prepare JOB     tokenize the job's data: section into a MindRecord
     launcher model import SRC -o DIR   a GGUF file or Hugging Face directory to a MindFormers model
     """
-
-
-class _Screen(runner.Events):
-    """The runner's events, printed: progress lines on stdout, the data preparation's bar on stderr."""
-
-    console = out
-
-    def info(self, text: str) -> None:
-        out.print(text)
-
-    def progress(self):
-        return data.progress_bar()
-
-    def data_prepared(self, path: Path, report) -> None:
-        if report is None:
-            out.print(f"dataset: {path} (prepared earlier from the same inputs)")
-        data.print_report(report)
-
-
-def _rank_table(plan: LaunchPlan) -> Table:
-    table = Table(title=f"{plan.job_name}: {plan.world_size} ranks, {plan.launch} on {plan.backend}/{plan.device}")
-    for column in ("rank", "node", "host", "device", "log"):
-        table.add_column(column)
-    for s in plan.ranks:
-        table.add_row(str(s.rank), str(s.node), s.host, str(s.device), s.console_log)
-    return table
-
-
-def _render(job_file: str, output: str | None) -> None:
-    plan, target = runner.render(job_file, output)
-    out.print(_rank_table(plan))
-    out.print(f"wrote {len(plan.artifacts)} artifacts to {target}/")
-
-
-@main.command()
-@click.argument("job_file", metavar="JOB")
-@click.option("-o", "--output", required=True, help="directory to write the artifacts into")
-@reports_errors
-def render(job_file: str, output: str) -> None:
-    """Validate JOB and write every artifact (configs, scripts, rank tables) to a directory."""
-    _render(job_file, output)
-
-
-@main.command()
-@click.argument("job", metavar="JOB")
-@click.option("--dry-run", is_flag=True, help="only validate and render, like 'launcher render'")
-@click.option("-o", "--output", help="with --dry-run: where to write (default: rendered/<job-name>)")
-@click.option("--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, help="where run directories go")
-@click.option("--accept-new-host-keys", is_flag=True,
-              help="ssh: trust nodes whose host key is not yet in known_hosts, and record their keys")
-@click.option("--kill-stale", is_flag=True, help="ssh: stop processes of earlier runs of this job found on the nodes")
-@click.option("--kubeconfig", help="k8s: kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster)")
-@click.option("--context", help="k8s: kubeconfig context (default: the current one)")
-@click.option("--namespace", help="k8s: namespace (default: cluster.k8s.namespace)")
-@click.option("--replace", is_flag=True, help="k8s: replace objects of the same name that already exist")
-@click.option("--pending-timeout", type=float, default=600, show_default=True,
-              help="k8s: seconds pods may stay Pending before the run is deleted")
-@click.option("--pvc-dir", help="k8s: where cluster.k8s.output_pvc is mounted on this machine (gather reads output/ there)")
-@reports_errors
-def up(job: str, dry_run: bool, output: str | None, runs_dir: str, **options) -> None:
-    """Start JOB (a job file, or a directory written by 'launcher render'), watch it, and gather it.
-
-    Any rank that fails, a lost node, Ctrl-C or SIGTERM stops every rank; what exists is still gathered.
-    """
-    if dry_run:
-        if Path(job).is_dir():
-            raise ConfigError("--dry-run takes a job file; a rendered directory is already rendered")
-        _render(job, output)
-        return
-    _report(runner.up(job, Path(runs_dir), options, _Screen()))
-
-
-def _report(done: runner.Finished) -> None:
-    record = done.run.record
-    _print_summary(done.summary)
-    out.print(f"run directory: {done.run.dir}/")
-    _print_warnings(done.outcome.problems)
-    code = done.exit_code
-    if record.state == "interrupted":
-        err.print(f"interrupted: every rank of {record.run_id} was stopped; what they wrote is gathered")
-    elif record.state != "succeeded" and record.failed_rank is None:
-        err.print(f"error: run {record.run_id} failed: {record.message}", markup=False)
-    elif record.state != "succeeded":
-        where = done.backend.rank_location(done.run, record.failed_rank)
-        err.print(f"error: rank {record.failed_rank} failed ({where}); every other rank was stopped. "
-                  f"Last lines of its log:", markup=False)
-        err.print(done.outcome.tail, markup=False)
-    if code:
-        sys.exit(code)
-
-
-def _print_warnings(problems) -> None:
-    for problem in problems:
-        err.print(f"warning: {problem}", markup=False)
-
-
-def _print_summary(summary: dict) -> None:
-    table = Table(title=f"{summary['run_id']}: {summary['state']}")
-    for column in ("rank", "steps", "first loss", "last loss", "tokens/s", "checkpoints"):
-        table.add_column(column, justify="right")
-    for rank, r in summary["ranks"].items():
-        fmt = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-        table.add_row(rank, str(r["steps"]), fmt(r["first_loss"]), fmt(r["last_loss"]),
-                      "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}", str(len(r["checkpoints"])))
-    out.print(table)
-
-
-runs_option = click.option("--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, help="where run directories are")
-
-
-@main.command()
-@click.argument("run")
-@runs_option
-@reports_errors
-def status(run: str, runs_dir: str) -> None:
-    """Show the state of RUN (a run id or directory) and each rank's progress."""
-    found, backend = runner.open_run(run, Path(runs_dir))
-    record = found.record
-    out.print(f"run {record.run_id}: {record.state}")
-    if record.failed_rank is not None:
-        out.print(f"failed rank: {record.failed_rank}")
-    result = runner.status(found, backend)
-    for line in result.lines:
-        out.print(line, markup=False)
-    out.print(result.view.table())
-
-
-@main.command()
-@click.argument("run")
-@click.option("--rank", type=int, help="only this rank (default: all, each line prefixed)")
-@click.option("-f", "--follow", is_flag=True, help="keep printing as the logs grow, until the run ends")
-@runs_option
-@reports_errors
-def logs(run: str, rank: int | None, follow: bool, runs_dir: str) -> None:
-    """Print the console logs of RUN's ranks."""
-    found, backend = runner.open_run(run, Path(runs_dir))
-    _print_warnings(runner.logs(found, backend, rank, follow, click.echo))
-
-
-@main.command("gather")
-@click.argument("run")
-@runs_option
-@reports_errors
-def gather_cmd(run: str, runs_dir: str) -> None:
-    """Gather RUN again: copy what is missing, then verify every file against manifest.json."""
-    found, backend = runner.open_run(run, Path(runs_dir))
-    summary, problems, files = runner.gather_again(found, backend)
-    _print_warnings(problems)
-    _print_summary(summary)
-    out.print(f"verified {files} files in {found.dir}/")
-
-
-@main.command()
-@click.argument("run")
-@click.option("--purge", is_flag=True, help="ssh: also remove the run's directories on the nodes")
-@runs_option
-@reports_errors
-def down(run: str, purge: bool, runs_dir: str) -> None:
-    """Stop every process of RUN. Nothing is removed unless --purge is given."""
-    found, backend = runner.open_run(run, Path(runs_dir))
-    out.print(runner.down(found, backend, purge))
-
-
-@main.group()
-def dataset() -> None:
-    """Make datasets."""
-
-
-@dataset.command("tiny")
-@click.argument("path")
-@click.option("--force", is_flag=True, help="replace an existing dataset")
-@reports_errors
-def dataset_tiny(path: str, force: bool) -> None:
-    """Write the demo MindRecord for the tiny model to PATH (byte tokens of the shipped text)."""
-    from launcher.data.mindrecord import write_tiny
-
-    count = write_tiny(Path(path), force=force)
-    out.print(f"wrote {count} records to {path}")
-
-
-# Rank tables, the Ascend preflight and container images live in their own module.
-main.add_command(ranktable.ranktable_cmd)
-main.add_command(ranktable.preflight_cmd)
-main.add_command(image.image)
-main.add_command(predict.predict_cmd)
-main.add_command(ckpt.ckpt_cmd)
-main.add_command(data.data_cmd)
-main.add_command(model.model_cmd)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launcher import gather
+from launcher import gather, secret_env
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status, sigterm_as_interrupt
 from launcher.backends.k8s.cluster import MIRROR_DIR, WATCH_SECONDS, KubeRun, Target, execute, phase, reconnect
 from launcher.backends.k8s.objects import short_id
@@ -85,6 +85,12 @@ class K8sBackend(Backend):
     def where(self, plan: LaunchPlan) -> str:
         return "Kubernetes"
 
+    def check_host(self, job: Job) -> None:
+        secret_env.resolve(job.secret_env)  # from_env/from_file are read here: fail before anything exists
+
+    def check_plan(self, plan: LaunchPlan) -> None:
+        secret_env.resolve(secret_env.plan_sources(plan.artifacts))
+
     def place_dataset(self, prepared: Path) -> tuple[str, Path]:
         """The dataset goes on the job's claim, mounted here at pvc_dir, under data/; the pods mount the
         claim at output/ in their working directory. Without pvc_dir it only names the dataset (render)."""
@@ -101,9 +107,10 @@ class K8sBackend(Backend):
         return f"pod {run.plan.job_name}-{short_id(run.record.run_id, run.plan.job_name)}-rank-{rank}"
 
     def execute(self, run: Run, events: Events) -> Outcome:
+        secrets = secret_env.resolve(secret_env.plan_sources(run.plan.artifacts))
         with sigterm_as_interrupt():
             run.record, problems = execute(run.plan, run.dir, run.record, events.console, self.target, self.replace,
-                                           self.pending_timeout)
+                                           self.pending_timeout, secrets)
         events.info("gathered; verifying ...")
         return Outcome([Problem(p) for p in problems], gather.failed_rank_tail(run.dir, run.record))
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from launcher import gather
+from launcher import gather, secret_env
 from launcher.backends.base import teardown_shield
 from launcher.backends.k8s.objects import RANK_LABEL, RUN_LABEL, output_claim, run_objects, set_owner
 from launcher.errors import BackendError
@@ -34,6 +35,8 @@ WATCH_SECONDS = 1
 DELETE_WAIT = 120
 RANK_CONTAINER = "ascend"  # the container that runs the rank (k8s_manifests._rank_pods)
 _PODGROUP = ("scheduling.volcano.sh", "v1beta1", "podgroups")
+# The core kinds a run creates, as the client's method names spell them (create_namespaced_config_map, ...).
+_CORE = {"ConfigMap": "config_map", "Secret": "secret", "Service": "service", "Pod": "pod"}
 
 
 @dataclass
@@ -76,11 +79,13 @@ def api_message(exc) -> str:
 
 
 class KubeRun:
-    def __init__(self, plan: LaunchPlan, run_dir: Path, record: RunRecord, target: Target):
+    def __init__(self, plan: LaunchPlan, run_dir: Path, record: RunRecord, target: Target,
+                 secrets: Mapping[str, str] | None = None):
+        """secrets: the secret_env values read for `up`, which go into the run's Secret."""
         from kubernetes import client
 
         self.plan, self.run_dir, self.record, self.target = plan, run_dir, record, target
-        self.objects = run_objects(plan, record.run_id, target.namespace)
+        self.objects = run_objects(plan, record.run_id, target.namespace, secrets)
         self.ns = self.objects[0]["metadata"]["namespace"]
         self.api = api_client(target)
         self.core, self.custom = client.CoreV1Api(self.api), client.CustomObjectsApi(self.api)
@@ -102,14 +107,15 @@ class KubeRun:
             raise BackendError(f"{what}: cannot reach the Kubernetes API at {self.api.configuration.host}: "
                                f"{exc}") from None
 
+    def core_api(self, verb: str, kind: str):
+        return getattr(self.core, f"{verb}_namespaced_{_CORE[kind]}")
+
     def create(self, obj: dict):
         kind, ns = obj["kind"], self.ns
         what = f"create {kind} {obj['metadata']['name']}"
         if kind == "PodGroup":
             return self.call(what, self.custom.create_namespaced_custom_object, *_PODGROUP[:2], ns, _PODGROUP[2], obj)
-        fn = {"ConfigMap": self.core.create_namespaced_config_map, "Service": self.core.create_namespaced_service,
-              "Pod": self.core.create_namespaced_pod}[kind]
-        return self.call(what, fn, ns, obj)
+        return self.call(what, self.core_api("create", kind), ns, obj)
 
     def delete(self, kind: str, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -119,9 +125,7 @@ class KubeRun:
                 self.call(f"delete {kind} {name}", self.custom.delete_namespaced_custom_object,
                           *_PODGROUP[:2], self.ns, _PODGROUP[2], name)
                 return
-            fn = {"ConfigMap": self.core.delete_namespaced_config_map,
-                  "Service": self.core.delete_namespaced_service, "Pod": self.core.delete_namespaced_pod}[kind]
-            self.call(f"delete {kind} {name}", fn, name, self.ns, grace_period_seconds=0)
+            self.call(f"delete {kind} {name}", self.core_api("delete", kind), name, self.ns, grace_period_seconds=0)
         except ApiException as exc:
             if exc.status != 404:  # already gone is what we want
                 raise BackendError(f"delete {kind} {name}: {api_message(exc)}") from None
@@ -135,9 +139,8 @@ class KubeRun:
                 found = self.call("list podgroups", self.custom.list_namespaced_custom_object, *_PODGROUP[:2],
                                   self.ns, _PODGROUP[2], label_selector=self.selector)
                 return [o["metadata"]["name"] for o in found.get("items", [])]
-            fn = {"ConfigMap": self.core.list_namespaced_config_map, "Service": self.core.list_namespaced_service,
-                  "Pod": self.core.list_namespaced_pod}[kind]
-            return [o.metadata.name for o in self.call(f"list {kind}", fn, self.ns, label_selector=self.selector).items]
+            found = self.call(f"list {kind}", self.core_api("list", kind), self.ns, label_selector=self.selector)
+            return [o.metadata.name for o in found.items]
         except ApiException as exc:
             if exc.status == 404:  # the kind is not served (no Volcano), so there is none
                 return []
@@ -278,7 +281,9 @@ class KubeRun:
 
     def delete_all(self) -> list[str]:
         """Delete every object of the run (pods first, the owner last) and wait until they are gone."""
-        found = {kind: self.names(kind) for kind in ("Pod", "PodGroup", "Service", "ConfigMap")}
+        # Secrets only where the run has one: listing them may need a permission other runs do not.
+        secret = ("Secret",) if secret_env.read_here(secret_env.plan_sources(self.plan.artifacts)) else ()
+        found = {kind: self.names(kind) for kind in ("Pod", "PodGroup", "Service", *secret, "ConfigMap")}
         for kind, names in found.items():
             for name in names:
                 self.delete(kind, name)
@@ -345,10 +350,10 @@ def exit_code(pod) -> int | None:
     return None
 
 
-def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console, target: Target,
-            replace: bool, pending_timeout: float) -> tuple[RunRecord, list[str]]:
+def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console, target: Target, replace: bool,
+            pending_timeout: float, secrets: Mapping[str, str] | None = None) -> tuple[RunRecord, list[str]]:
     """Create, watch, gather and always delete the run. Returns the final record and the problems."""
-    run = KubeRun(plan, run_dir, record, target)
+    run = KubeRun(plan, run_dir, record, target, secrets)
     target.save(run_dir)
     try:
         run.create_all(replace)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from launcher import secret_env
 from launcher.backends.ssh import gather as ssh_gather
 from launcher.backends.ssh import preflight as ssh_preflight
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status
@@ -37,6 +38,12 @@ class SshBackend(Backend):
     def where(self, plan: LaunchPlan) -> str:
         return f"{len(plan.nodes)} nodes over SSH"
 
+    def check_host(self, job: Job) -> None:
+        secret_env.resolve(job.secret_env)  # the values are read on this machine: fail before anything exists
+
+    def check_plan(self, plan: LaunchPlan) -> None:
+        secret_env.resolve(secret_env.plan_sources(plan.artifacts))
+
     def place_dataset(self, prepared: Path) -> tuple[str, Path]:
         # Staged with the run to every node, read relative to the node's run directory.
         return f"{RUN_DATA_DIR}/{prepared.name}", prepared
@@ -58,7 +65,8 @@ class SshBackend(Backend):
         return job.model_copy(update={"cluster": cluster.model_copy(update={"nodes": nodes})})
 
     def execute(self, run: Run, events: Events) -> Outcome:
-        ssh_run = SshRun(run.plan, run.dir, run.record, events.console, self.accept_new, self.kill_stale)
+        secrets = secret_env.resolve(secret_env.plan_sources(run.plan.artifacts))
+        ssh_run = SshRun(run.plan, run.dir, run.record, events.console, self.accept_new, self.kill_stale, secrets)
         problems, tail = asyncio.run(_execute(ssh_run))
         events.info("gathered; verifying ...")
         return Outcome([Problem(p) for p in problems], tail)

@@ -11,13 +11,14 @@ import asyncio
 import json
 import posixpath
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
 from rich.console import Console
 
-from launcher import gather
+from launcher import gather, secret_env
 from launcher.backends.ssh import transport
 from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, TransportError
@@ -51,10 +52,11 @@ def remote_run_dir(step: NodeStep, run_id: str) -> str:
 
 class SshRun:
     def __init__(self, plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console,
-                 accept_new: bool = False, kill_stale: bool = False):
+                 accept_new: bool = False, kill_stale: bool = False, secrets: Mapping[str, str] | None = None):
         if plan.ssh is None:
             raise BackendError("this plan was not rendered for the ssh backend")
         self.plan, self.run_dir, self.record, self.console = plan, run_dir, record, console
+        self.secrets = dict(secrets or {})  # the job's secret_env values: kept in memory, sent with the start
         self.opts = plan.ssh
         self.accept_new, self.kill_stale = accept_new, kill_stale
         self.nodes = [NodeState(step) for step in plan.nodes]
@@ -114,7 +116,7 @@ class SshRun:
             bundle.mkdir(parents=True, exist_ok=True)
             (bundle / "start.sh").write_text(render_template(
                 "ssh_start.sh.j2", run_id=self.record.run_id, job_name=self.plan.job_name, node=step,
-                path=state.remote_path))
+                path=state.remote_path, secret_names=list(self.secrets)))
             (bundle / NODECTL).write_bytes(NODECTL_SOURCE.read_bytes())
 
     async def stage_and_start(self) -> None:
@@ -145,8 +147,12 @@ class SshRun:
             raise BackendError(self.per_node("could not stage the run on", errors) + "\nnothing was started")
 
     async def start(self) -> None:
+        # The secret values travel in the start command's standard input, over the SSH channel.
+        payload = secret_env.stdin_payload(self.secrets) or None
+
         async def one(state: NodeState) -> None:
-            await state.node.run(["bash", posixpath.join(remote_run_dir(state.step, self.record.run_id), "start.sh")])
+            await state.node.run(["bash", posixpath.join(remote_run_dir(state.step, self.record.run_id), "start.sh")],
+                                 stdin=payload)
 
         _, errors = await transport.gather_results(one(s) for s in self.nodes)
         if errors:

@@ -44,11 +44,13 @@ class Node:
     def host(self) -> str:
         return self.endpoint.host
 
-    async def run(self, argv: list[str], check: bool = True, timeout: float | None = None) -> str:
-        """Run argv (each word quoted once; no nested quoting) and return stdout."""
+    async def run(self, argv: list[str], check: bool = True, timeout: float | None = None,
+                  stdin: str | None = None) -> str:
+        """Run argv (each word quoted once; no nested quoting) and return stdout. stdin: text to feed the
+        command, then end of file (data that must not be on a command line goes here)."""
         command = " ".join(shlex.quote(a) for a in argv)
         try:
-            result = await asyncio.wait_for(self.conn.run(command, check=False), timeout or self.timeout)
+            result = await asyncio.wait_for(self.conn.run(command, check=False, input=stdin), timeout or self.timeout)
         except asyncio.TimeoutError:
             raise TransportError(self.host, argv, None, f"no answer within {timeout or self.timeout:.0f}s") from None
         except (OSError, asyncssh.Error) as exc:
