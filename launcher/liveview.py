@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from launcher.logparse import RankProgress
+from launcher.logparse import RankProgress, format_duration, seconds_left
 from launcher.plan import STATUS_DIR, LaunchPlan
 
 
@@ -52,8 +52,8 @@ class LiveView:
     def table(self) -> Table:
         codes = rank_exit_codes(self.plan, self.workdir)
         elapsed = time.monotonic() - self.started
-        table = Table(title=f"{self.title}  ({elapsed:.0f}s)", title_justify="left")
-        for column in ("rank", "node", "device", "state", "step", "loss", "step time"):
+        table = Table(title=f"{self.title}  ({elapsed:.0f}s){self.eta_text()}", title_justify="left")
+        for column in ("rank", "node", "device", "state", "step", "loss", "step time", "left"):
             table.add_column(column, justify="right" if column != "state" else "left")
         for slot in self.plan.ranks:
             last = self.progress[slot.rank].last
@@ -70,5 +70,22 @@ class LiveView:
                 f"{last.step}/{last.total}" if last else "-",
                 f"{last.loss:.4f}" if last else "-",
                 f"{last.step_ms:.0f} ms" if last and last.step_ms is not None else "-",
+                self._left(slot.rank) if code is None else "-",
             )
         return table
+
+    def _left(self, rank: int) -> str:
+        left = seconds_left(self.progress[rank].records)
+        return "-" if left is None else format_duration(left)
+
+    def eta_text(self) -> str:
+        """"  steps 12/48, about 3m05s left": the slowest rank's steps, and the longest time left."""
+        lasts = [p.last for p in self.progress.values()]
+        if not lasts or any(last is None for last in lasts):
+            return ""
+        slowest = min(lasts, key=lambda r: r.step)
+        text = f"  steps {slowest.step}/{slowest.total}"
+        lefts = [seconds_left(p.records) for p in self.progress.values()]
+        if all(left is not None for left in lefts) and slowest.step < slowest.total:
+            text += f", about {format_duration(max(lefts))} left"
+        return text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,3 +87,27 @@ def summarize(records: list[StepRecord], seq_length: int, batch_size: int) -> di
         "train_seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
     }
+
+
+def seconds_left(records: list[StepRecord], window: int = 10) -> float | None:
+    """The time the remaining steps should take: their count × the median of the last `window` step
+    times (recent steps, because the first ones include graph compilation). None without step times."""
+    if not records:
+        return None
+    recent = [r.step_ms for r in records[-window:] if r.step_ms is not None]
+    if not recent:
+        return None
+    last = records[-1]
+    return max(last.total - last.step, 0) * statistics.median(recent) / 1000.0
+
+
+def format_duration(seconds: float) -> str:
+    """42s, 3m05s, 2h10m, 3d04h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

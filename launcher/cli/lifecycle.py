@@ -14,6 +14,7 @@ from launcher.cli import data
 from launcher.cli.console import err, out, reports_errors
 from launcher.errors import ConfigError
 from launcher.plan import LaunchPlan
+from launcher.runs import REPORT
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -108,7 +109,7 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, overrides: tu
 def _report(done: runner.Finished) -> None:
     record = done.run.record
     _print_summary(done.summary)
-    out.print(f"run directory: {done.run.dir}/")
+    out.print(f"run directory: {done.run.dir}/  (report: {done.run.dir / REPORT})")
     _print_warnings([*done.outcome.problems, *done.notices])
     code = done.exit_code
     if record.state == "interrupted":
@@ -182,7 +183,7 @@ def gather_cmd(run: str, runs_dir: str) -> None:
     summary, problems, files = runner.gather_again(found, backend)
     _print_warnings(problems)
     _print_summary(summary)
-    out.print(f"verified {files} files in {found.dir}/")
+    out.print(f"verified {files} files in {found.dir}/  (report: {found.dir / REPORT})")
 
 
 @click.command()

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from launcher import run_index
 from launcher.cli.console import err, out, reports_errors
+from launcher.logparse import format_duration
 from launcher.runs import find_run
 
 if TYPE_CHECKING:
@@ -47,16 +48,7 @@ def _steps(row: run_index.RunRow) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return "-" if seconds is None else format_duration(seconds)
 
 
 def _started(epoch: float) -> str:
