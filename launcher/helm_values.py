@@ -43,6 +43,8 @@ def values(job: Job, pod_files: dict[str, str], slots) -> dict:
         "tolerations": [dict(t) for t in k8s.tolerations],
         "antiAffinity": k8s.anti_affinity,
         "imagePullSecrets": list(k8s.image_pull_secrets),
+        "secretEnv": [{"name": e["name"], "secret": e["valueFrom"]["secretKeyRef"]["name"],
+                       "key": e["valueFrom"]["secretKeyRef"]["key"]} for e in km.secret_env_vars(job)],
         "serviceAccount": k8s.service_account or "",
         "outputPvc": k8s.output_pvc or "",
         "planMount": km.PLAN_MOUNT,

@@ -30,6 +30,10 @@ def k8s_job(example: str):
         data = yaml.safe_load((EXAMPLES / "llama2-7b-lora-1x8-ranktable.yaml").read_text())
         data["cluster"].update(backend="k8s", k8s={"kind": "volcano-job", "host_arch": "huawei-x86"})
         return parse_job(data)
+    if example == "secret-env":  # references to the run's own Secret and to one of the user's
+        data = yaml.safe_load((EXAMPLES / "llama2-7b-lora-1x8-k8s.yaml").read_text())
+        data["secret_env"] = {"HF_TOKEN": {"from_env": "HF_TOKEN"}, "WANDB_API_KEY": {"secret": "wandb", "key": "k"}}
+        return parse_job(data)
     return load_job(EXAMPLES / example)
 
 
@@ -215,7 +219,7 @@ def test_k8s_section_needs_the_k8s_backend():
 
 
 CHART = EXAMPLES.parent.parent / "charts" / "launcher-job"
-HELM_EXAMPLES = ["llama2-7b-lora-1x8-k8s.yaml", "tiny-lora-k8s.yaml", "volcano-per-rank"]
+HELM_EXAMPLES = ["llama2-7b-lora-1x8-k8s.yaml", "tiny-lora-k8s.yaml", "volcano-per-rank", "secret-env"]
 
 
 def helm_job(example: str):
@@ -223,7 +227,7 @@ def helm_job(example: str):
         data = yaml.safe_load((EXAMPLES / "tiny-lora-k8s.yaml").read_text())
         data["cluster"].update(launch="ranktable", k8s={"scheduler": "volcano", "queue": "q1", "service_account": "sa"})
         return parse_job(data)
-    return load_job(EXAMPLES / example)
+    return k8s_job(example)
 
 
 def test_helm_lint():

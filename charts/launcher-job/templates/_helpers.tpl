@@ -37,6 +37,14 @@ volumeMounts:
 - {name: MS_TOPO_TIMEOUT, value: {{ .Values.topoTimeout | quote }}}
 {{- end }}
 
+{{/* The job's secret_env, as references to Secrets: never a value. */}}
+{{- define "launcher-job.secretEnv" -}}
+{{- range .Values.secretEnv }}
+- name: {{ .name }}
+  valueFrom: {secretKeyRef: {name: {{ .secret }}, key: {{ .key }}}}
+{{- end }}
+{{- end }}
+
 {{- define "launcher-job.hostIP" -}}
 {{- if .Values.hostNetwork }}
 - name: HCCL_IF_IP
