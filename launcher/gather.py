@@ -5,6 +5,7 @@ Layout of runs/<run-id>/ranks/rank_N/:
   console.log  the rank's stdout/stderr (msrun's worker_N.log, or the rank-table script's rank log)
   checkpoint/  output/checkpoint/rank_N/*
   strategy/    this rank's parallel strategy files, if any
+  versions.json  what the rank ran with (entrypoints/finetune.py), folded into run.json's versions.nodes
 and runs/<run-id>/tensorboard/rank_N/: output/tensorboard/rank_N/* (monitor.tensorboard), one directory per
 rank as TensorBoard's --logdir expects.
 """
@@ -20,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import logparse, report
+from launcher import logparse, report, run_versions
 from launcher.errors import BackendError
 from launcher.plan import LaunchPlan
 from launcher.runs import MANIFEST, RANKS_DIR, SUMMARY, TENSORBOARD_DIR
@@ -49,7 +50,7 @@ def wanted_from_paths(plan: LaunchPlan, paths: list[str], ranks=None) -> list[Wa
     present = sorted(paths)
     for rank in ranks if ranks is not None else range(plan.world_size):
         base = rank_dir(rank)
-        log_glob, console, ckpt_glob, strategy_glob, events_glob = plan.collect_sources(rank)
+        log_glob, console, ckpt_glob, strategy_glob, events_glob, versions = plan.collect_sources(rank)
         folders = ((log_glob, f"{base}/log"), (ckpt_glob, f"{base}/checkpoint"), (strategy_glob, f"{base}/strategy"),
                    (events_glob, f"{TENSORBOARD_DIR}/rank_{rank}"))
         for pattern, folder in folders:
@@ -57,6 +58,8 @@ def wanted_from_paths(plan: LaunchPlan, paths: list[str], ranks=None) -> list[Wa
                 out.append(Wanted(rank, path, f"{folder}/{posixpath.basename(path)}"))
         if console in present:
             out.append(Wanted(rank, console, f"{base}/console.log"))
+        if versions in present:
+            out.append(Wanted(rank, versions, f"{base}/{run_versions.RANK_FILE}"))
     return out
 
 
@@ -183,7 +186,9 @@ def plot_losses(curves: dict[int, list[logparse.StepRecord]], out: Path, title: 
 
 def finish(plan: LaunchPlan, run_dir: Path, record) -> dict:
     """After the files are in place: manifest.json, summary.json, loss.png, then report.html from them.
-    The last three are made from the gathered files on every gather, so the manifest does not list them."""
+    The last three are made from the gathered files on every gather, so the manifest does not list them.
+    The ranks' versions files are folded into run.json first."""
+    record_node_versions(plan, run_dir, record)
     write_manifest(run_dir)
     summary = write_summary(plan, run_dir, {
         "run_id": record.run_id, "job": record.job_name, "state": record.state, "exit_code": record.exit_code,
@@ -191,6 +196,21 @@ def finish(plan: LaunchPlan, run_dir: Path, record) -> dict:
     })
     report.write_report(run_dir, plan, record, summary, run_dir / LOSS_PLOT, failed_rank_tail(run_dir, record))
     return summary
+
+
+def record_node_versions(plan: LaunchPlan, run_dir: Path, record) -> None:
+    """run.json's versions.nodes from what the gathered ranks reported (left as it is if none did)."""
+    reports = {}
+    for slot in plan.ranks:
+        found = run_versions.read_rank(run_dir / rank_dir(slot.rank))
+        if found is not None:
+            reports[slot.rank] = found
+    if not reports:
+        return
+    nodes = run_versions.fold(reports, {slot.rank: slot.node for slot in plan.ranks})
+    if record.versions.get("nodes") != nodes:
+        record.versions = {**record.versions, "nodes": nodes}
+        record.save(run_dir)
 
 
 def failed_rank_tail(run_dir: Path, record, lines: int = 20) -> str:

@@ -99,6 +99,8 @@ class LaunchPlan:
             f"output/strategy/*rank_{rank}.*",
             # TensorBoard event files (monitor.tensorboard): mfconfig.TENSORBOARD_OUTPUT plus MindFormers' rank_N.
             f"output/tensorboard/rank_{rank}/*",
+            # What the rank runs with (python, mindspore, mindformers, CANN, driver): entrypoints/finetune.py.
+            f"{STATUS_DIR}/rank_{rank}.versions.json",
         ]
 
     def to_json(self) -> str:

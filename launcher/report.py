@@ -59,7 +59,8 @@ def _run_info(run_dir: Path, record) -> dict:
             info = json.loads(text)
         except json.JSONDecodeError:
             pass
-    info.update(dataclasses.asdict(record))
+    # A field the record leaves empty (versions before any rank reported) does not hide run.json's.
+    info.update({k: v for k, v in dataclasses.asdict(record).items() if v not in (None, {}, []) or k not in info})
     return info
 
 
@@ -88,7 +89,11 @@ def versions(plan: LaunchPlan, job_text: str | None, info: dict) -> list[tuple[s
         pass  # no job.yaml (an older run) or one this launcher no longer accepts: the page shows its text
     recorded = info.get("versions")
     if isinstance(recorded, dict):
-        rows += [(str(k), str(v)) for k, v in recorded.items()]
+        shown = {name for name, _ in rows}  # the image is already there, from the job
+        rows += [(str(k), str(v)) for k, v in recorded.items() if k != "nodes" and k not in shown]
+        for node, entry in (recorded.get("nodes") or {}).items():  # one row per node (run_versions.py)
+            fields = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("host", "ranks"))
+            rows.append((f"node {node}" + (f" ({entry['host']})" if entry.get("host") else ""), fields))
     return rows
 
 

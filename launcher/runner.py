@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import gather, notify
+from launcher import diagnose, gather, notify, run_versions
 from launcher.backends import base
 from launcher.backends.base import Backend, Outcome, Problem, Run, Status
 from launcher.errors import ConfigError, LauncherError
@@ -104,7 +104,7 @@ def up(job: str, runs_dir: Path, options: dict, events: Events, overrides: Seque
         completed = backend.complete(spec, plan, runs_dir, events)
         if completed is not spec:
             plan = build_plan(completed)
-    run = _new_run(plan, runs_dir, backend, events, overrides)
+    run = _new_run(plan, runs_dir, backend, events, overrides, job)
     if data_path is not None:
         from launcher.data.cache import record_run_data
 
@@ -122,18 +122,29 @@ def up(job: str, runs_dir: Path, options: dict, events: Events, overrides: Seque
         for warning in notifier.warnings:
             events.info(f"warning: {warning}")
         raise
+    _diagnose(run)  # before finish, so that report.html and the notification carry it
     summary = gather.finish(plan, run.dir, run.record)
     notifier.ended(run.record, run.dir)
     return Finished(run, backend, outcome, summary, notifier.warnings)
 
 
+def _diagnose(run: Run) -> None:
+    """run.json's failure, for a run that did not succeed and has none yet, from its gathered files."""
+    if run.record.state != "succeeded" and run.record.failure is None:
+        run.record.failure = diagnose.diagnose(run.dir, run.record, run.plan)
+        if run.record.failure is not None:
+            run.record.save(run.dir)
+
+
 def _new_run(plan: LaunchPlan, runs_dir: Path, backend: Backend, events: Events,
-             overrides: Sequence[str] = ()) -> Run:
+             overrides: Sequence[str] = (), job: str | None = None) -> Run:
+    """The run directory with the plan and run.json; job is what up was given (a file or a plan directory)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id(plan.job_name, runs_dir)
     run_dir = (runs_dir / run_id).resolve()
     plan.write(run_dir / PLAN_DIR)
-    record = RunRecord(run_id, plan.job_name, plan.backend, "starting", time.time(), overrides=list(overrides))
+    record = RunRecord(run_id, plan.job_name, plan.backend, "starting", time.time(), overrides=list(overrides),
+                       versions=run_versions.at_start(plan, job))
     record.save(run_dir)
     events.info(f"run [bold]{run_id}[/] — {plan.world_size} ranks, {plan.launch} on {backend.where(plan)}")
     return Run(run_dir, record, plan)
@@ -165,6 +176,7 @@ def gather_again(run: Run, backend: Backend) -> tuple[dict, list[Problem], int]:
         if problems:
             raise LauncherError("gathered files do not match manifest.json: " + "; ".join(problems[:10]))
     problems = backend.gather(run)
+    _diagnose(run)
     summary = gather.finish(run.plan, run.dir, run.record)
     fatal = [p.text for p in problems if p.fatal]
     if fatal:

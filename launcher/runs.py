@@ -46,6 +46,10 @@ class RunRecord:
     leader_pid: int | None = None  # process-group leader of the node script (local)
     message: str = ""
     overrides: list[str] = field(default_factory=list)  # the --set key=value changes the job was started with
+    # Why a run that did not succeed failed: kind, rank, summary, fix, evidence (launcher/diagnose.py).
+    failure: dict | None = None
+    # What the run ran with: launcher, job_sha256, git_commit, image, and nodes (see run_versions.py).
+    versions: dict = field(default_factory=dict)
 
     def save(self, run_dir: Path) -> None:
         tmp = run_dir / f".{RUN_FILE}.tmp"

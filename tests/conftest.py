@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "configs" / "examples"
@@ -43,6 +44,18 @@ def tiny_dataset(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "tiny.mindrecord"
     result = run_launcher("dataset", "tiny", path)
     assert result.returncode == 0, result.stderr
+    return path
+
+
+def write_tiny_job(directory: Path, dataset: Path, **sections) -> Path:
+    """directory/job.yaml: the tiny local example training on dataset, on a free master port, with the
+    given top-level sections (env=..., notify=...) set."""
+    job = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
+    job["dataset"]["path"] = str(dataset)
+    job["cluster"]["master_port"] = free_port()
+    job.update(sections)
+    path = directory / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
     return path
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLES, free_port, only_run, run_launcher
+from conftest import EXAMPLES, free_port, only_run, run_launcher, write_tiny_job
 
 from launcher import notify
 from launcher.runs import RunRecord
@@ -109,33 +109,21 @@ def test_a_webhook_must_be_an_http_url(tmp_path):
                                      "or https:// URL")
 
 
-def _job(tmp_path: Path, dataset, url: str, env=None) -> Path:
-    job = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
-    job["dataset"]["path"] = str(dataset)
-    job["cluster"]["master_port"] = free_port()
-    job["notify"] = {"webhook": url}
-    if env:
-        job["env"] = env
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
-
-
 @pytest.mark.e2e
 def test_up_notifies_start_and_failure_and_a_dead_webhook_does_not_fail_the_run(hook, tmp_path, tiny_dataset):
-    failing = _job(tmp_path, tiny_dataset, hook.url, env={"LAUNCHER_FAULT": "1:3"})
+    failing = write_tiny_job(tmp_path, tiny_dataset, notify={"webhook": hook.url}, env={"LAUNCHER_FAULT": "1:3"})
     result = run_launcher("up", str(failing), cwd=tmp_path)
     assert result.returncode != 0
     run_dir = only_run(tmp_path)
     assert [p["event"] for p in hook.posts] == ["started", "failed"]
     assert {p["run_id"] for p in hook.posts} == {run_dir.name}
-    assert hook.posts[1]["state"] == "failed" and hook.posts[1]["failure_kind"] == "rank_failed"
+    assert hook.posts[1]["state"] == "failed" and hook.posts[1]["failure_kind"] == "python_exception"  # diagnosed
     assert Path(hook.posts[1]["summary"].removeprefix("file://")).is_file()
 
     dead = f"http://127.0.0.1:{free_port()}/hook"
     other = tmp_path / "second"
     other.mkdir()
-    result = run_launcher("up", str(_job(other, tiny_dataset, dead)), cwd=other)
+    result = run_launcher("up", str(write_tiny_job(other, tiny_dataset, notify={"webhook": dead})), cwd=other)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("warning: notify: the ") == 2  # started and ended, neither delivered
     assert RunRecord.load(only_run(other)).state == "succeeded"

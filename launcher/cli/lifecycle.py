@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from launcher import runner
+from launcher import run_versions, runner
 from launcher.cli import data
 from launcher.cli.console import err, out, reports_errors
 from launcher.errors import ConfigError
@@ -121,8 +121,18 @@ def _report(done: runner.Finished) -> None:
         err.print(f"error: rank {record.failed_rank} failed ({where}); every other rank was stopped. "
                   f"Last lines of its log:", markup=False)
         err.print(done.outcome.tail, markup=False)
+    if record.state != "succeeded" and record.failure:
+        for line in _failure_lines(record.failure):
+            err.print(line, markup=False)
     if code:
         sys.exit(code)
+
+
+def _failure_lines(failure: dict) -> list[str]:
+    """run.json's failure in two lines: what went wrong (and on which rank), and what to do."""
+    rank = failure.get("rank")
+    where = f" (rank {rank})" if rank is not None else ""
+    return [f"failure: {failure.get('kind')}{where}: {failure.get('summary', '')}", f"fix: {failure.get('fix', '')}"]
 
 
 def _print_warnings(problems) -> None:
@@ -155,6 +165,13 @@ def status(run: str, runs_dir: str) -> None:
     out.print(f"run {record.run_id}: {record.state}")
     if record.failed_rank is not None:
         out.print(f"failed rank: {record.failed_rank}")
+    if record.failure:
+        for line in _failure_lines(record.failure):
+            out.print(line, markup=False)
+    for line in run_versions.summary_lines(record.versions):
+        out.print(line, markup=False)
+    for line in run_versions.mismatches(record.versions.get("nodes") or {}):
+        err.print(f"warning: {line}", markup=False)
     result = runner.status(found, backend)
     for line in result.lines:
         out.print(line, markup=False)

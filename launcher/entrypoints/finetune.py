@@ -6,14 +6,21 @@ but not the launcher. Usage: python finetune.py run.yaml  (under msrun, or with 
 Environment it reads:
   RANK_ID          global rank (set by msrun or by the rank-table script)
   MS_ROLE          MS_SCHED for MindSpore's dynamic-cluster scheduler, which only coordinates
-  LAUNCHER_FAULT   "RANK:STEP" makes that rank fail at that step: a drill for teardown paths
+  LAUNCHER_FAULT   "RANK:STEP[:MODE]" makes that rank fail at that step: a drill for teardown paths and
+                   failure diagnosis. MODE raise (the default) raises RuntimeError; kill sends the rank
+                   SIGKILL, as the kernel's OOM killer does: nothing is written on the way out, and its
+                   parent sees signal 9 (exit 137 in a shell or a pod, "Error code: -9" from msrun)
   LAUNCHER_MODEL_MODULES  "DIR:mod,mod": a research model's folder and the modules that register its
                    classes (MindFormers only registers them when they are imported)
 """
 
 import importlib
 import inspect
+import json
 import os
+import platform
+import signal
+import socket
 import sys
 import traceback
 
@@ -24,6 +31,90 @@ def _write_status(rank, name, text):
     os.makedirs(STATUS_DIR, exist_ok=True)
     with open(os.path.join(STATUS_DIR, "rank_%s.%s" % (rank, name)), "w") as f:
         f.write(text + "\n")
+
+
+# Where an Ascend node records its versions (MindFormers' run_check reads the same files): the driver's
+# version.info has a `Version=25.5.0` line; the CANN toolkit's <toolkit>/<arch>-linux/
+# ascend_toolkit_install.info a `version=8.5.0` line, and older toolkits' <toolkit>/version.cfg a
+# `toolkit_running_version=[7.3.0.1.231:8.0.RC2]` line (inner version:release).
+DRIVER_VERSION_FILE = "/usr/local/Ascend/driver/version.info"
+TOOLKIT_DIRS = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/cann")  # CANN up to 8.3, 8.5 on
+# The console line that carries the versions too (a pod's output/ may go with it; its log is gathered).
+VERSIONS_MARK = "launcher-versions: "
+
+
+def read_key(path, key):
+    """The value of the first `key=value` line of a file; None without one, or without the file."""
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                name, sep, value = line.partition("=")
+                if sep and name.strip() == key and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def driver_version(path=DRIVER_VERSION_FILE):
+    return read_key(path, "Version")
+
+
+def cann_version(toolkit_dirs=None, arch=None):
+    """The CANN toolkit's release: under $ASCEND_HOME_PATH (its set_env.sh sets it) first, then the defaults."""
+    if toolkit_dirs is None:
+        home = os.environ.get("ASCEND_HOME_PATH")
+        toolkit_dirs = ((home,) if home else ()) + TOOLKIT_DIRS
+    arch = arch or platform.machine()
+    for root in toolkit_dirs:
+        version = read_key(os.path.join(root, "%s-linux" % arch, "ascend_toolkit_install.info"), "version")
+        if version:
+            return version
+        running = read_key(os.path.join(root, "version.cfg"), "toolkit_running_version")
+        if running and running.startswith("[") and running.endswith("]"):
+            return running[1:-1].rpartition(":")[2] or None
+    return None
+
+
+def package_version(name):
+    """The installed distribution's version, else the module's __version__; None if neither is there."""
+    try:
+        from importlib import metadata
+
+        return metadata.version(name)
+    except Exception:  # noqa: BLE001 - no metadata (Python 3.7, a checkout on sys.path): ask the module
+        pass
+    try:
+        return str(importlib.import_module(name).__version__)
+    except Exception:  # noqa: BLE001 - not importable: the launcher records it as not found
+        return None
+
+
+def node_versions():
+    found = {
+        "python": platform.python_version(),
+        "hostname": socket.gethostname(),
+        "mindspore": package_version("mindspore"),
+        "mindformers": package_version("mindformers"),
+        "cann": cann_version(),
+        "driver": driver_version(),
+    }
+    return dict((k, v) for k, v in found.items() if v)
+
+
+def write_versions(rank):
+    """Record what this rank runs with in output/launcher/rank_N.versions.json and one console line.
+    What is not found is left out, and nothing here may fail the rank."""
+    try:
+        text = json.dumps(node_versions(), sort_keys=True)
+        print(VERSIONS_MARK + text, flush=True)
+        path = os.path.join(STATUS_DIR, "rank_%s.versions.json" % rank)
+        os.makedirs(STATUS_DIR, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
+    except Exception as exc:  # noqa: BLE001 - a missing record must not stop the training
+        print("launcher: could not record the versions: %s" % exc, file=sys.stderr, flush=True)
 
 
 def _use_cpu_overflow_check():
@@ -80,21 +171,31 @@ def _fault_callbacks(rank):
     spec = os.environ.get("LAUNCHER_FAULT", "")
     if not spec:
         return []
-    fault_rank, fault_step = (int(x) for x in spec.split(":"))
-    if fault_rank != int(rank):
+    fault_rank, fault_step, *rest = spec.split(":")
+    mode = rest[0] if rest else "raise"
+    if mode not in ("raise", "kill") or len(rest) > 1:
+        raise SystemExit("launcher: LAUNCHER_FAULT %r is not RANK:STEP[:raise|kill]" % spec)
+    if int(fault_rank) != int(rank):
         return []
+    fault_step = int(fault_step)
     from mindspore.train import Callback
 
     class FailAtStep(Callback):
         def on_train_step_end(self, run_context):
             step = run_context.original_args().cur_step_num
-            if step >= fault_step:
-                raise RuntimeError("LAUNCHER_FAULT: rank %s fails at step %d as asked" % (rank, step))
+            if step < fault_step:
+                return
+            if mode == "kill":
+                print("LAUNCHER_FAULT: rank %s sends itself SIGKILL at step %d as asked" % (rank, step), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("LAUNCHER_FAULT: rank %s fails at step %d as asked" % (rank, step))
 
     return [FailAtStep()]
 
 
 def main(config_path):
+    if os.environ.get("MS_ROLE") != "MS_SCHED":  # the scheduler runs no rank
+        write_versions(os.environ.get("RANK_ID", "0"))
     from mindformers import Trainer, build_context
     from mindformers.tools.register import MindFormerConfig
 
