@@ -226,12 +226,7 @@ class Ssh(Backend):
     job_env = {"GLOG_v": "1"}  # the scheduler logs the address each worker connects from
 
     def open(self):
-        reason = sshcluster.missing_capabilities()
-        if reason:
-            if os.environ.get("LAUNCHER_TESTS_STRICT"):
-                pytest.fail(f"SSH end-to-end tests must run in CI: {reason}")
-            pytest.skip(reason)
-        self.cluster = sshcluster.build(self.tmp_path / "cluster", 2)
+        self.cluster = sshcluster.build_or_skip(self.tmp_path / "cluster", 2)
         # Each host is PID 1 (its sshd) of a PID namespace of its own, a child of this test's.
         self.namespaces = {pid_namespace(h.sshd_pid()): h for h in self.cluster.hosts}
         self.namespaces[pid_namespace(os.getpid())] = None

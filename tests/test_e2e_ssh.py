@@ -4,7 +4,6 @@ What every backend does (train and gather, a failing rank, Ctrl-C and SIGTERM, s
 from new processes) is in test_backend_contract.py; here is what only the SSH backend has.
 """
 
-import os
 import subprocess
 import sys
 import time
@@ -33,12 +32,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 @pytest.fixture
 def cluster(tmp_path):
-    reason = sshcluster.missing_capabilities()
-    if reason:
-        if os.environ.get("LAUNCHER_TESTS_STRICT"):
-            pytest.fail(f"SSH end-to-end tests must run in CI: {reason}")
-        pytest.skip(reason)
-    built = sshcluster.build(tmp_path / "cluster", 2)
+    built = sshcluster.build_or_skip(tmp_path / "cluster", 2)
     yield built
     sshcluster.teardown(2, built)
 

@@ -119,6 +119,21 @@ def watch_ranks(proc, run_id, roots, values, want: int, timeout: float = 300) ->
     assert leaks_in_cmdlines(values) == []
 
 
+def up_watching_ranks(tmp_path, argv, env, roots, values) -> tuple[str, str]:
+    """`launcher up ARGV...` in tmp_path, its ranks' environments and every command line checked while it
+    runs (watch_ranks, two ranks); (stdout, stderr) once it ended with exit 0."""
+    proc = subprocess.Popen([LAUNCHER, "up", *map(str, argv)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        watch_ranks(proc, lambda: started_run(tmp_path), roots, values, want=2)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    return out, err
+
+
 def started_run(tmp_path):
     """The run id, once the launcher made its run directory."""
     runs = list((tmp_path / "runs").glob("*/run.json")) if (tmp_path / "runs").is_dir() else []
@@ -302,16 +317,7 @@ def test_local_ranks_get_the_values_and_nothing_keeps_them(tmp_path, tiny_datase
 
     job = write_job(tmp_path, tiny_dataset)
     job.write_text(yaml.safe_dump({**yaml.safe_load(job.read_text()), "secret_env": secrets.section}))
-    proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, env=secrets.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        run_id = lambda: started_run(tmp_path)  # noqa: E731
-        watch_ranks(proc, run_id, [tmp_path / "runs"], secrets.values, want=2)
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out + err
+    out, err = up_watching_ranks(tmp_path, [job], secrets.env, [tmp_path / "runs"], secrets.values)
     run_dir = only_run(tmp_path)
     assert (run_dir / "ranks" / "rank_1" / "checkpoint").is_dir()
     assert leaks_in_files([run_dir], secrets.values) == []
@@ -323,12 +329,7 @@ def test_local_ranks_get_the_values_and_nothing_keeps_them(tmp_path, tiny_datase
 def ssh_cluster(tmp_path):
     import sshcluster
 
-    reason = sshcluster.missing_capabilities()
-    if reason:
-        if os.environ.get("LAUNCHER_TESTS_STRICT"):
-            pytest.fail(f"SSH end-to-end tests must run in CI: {reason}")
-        pytest.skip(reason)
-    built = sshcluster.build(tmp_path / "cluster", 2)
+    built = sshcluster.build_or_skip(tmp_path / "cluster", 2)
     yield built
     sshcluster.teardown(2, built)
 
@@ -340,16 +341,8 @@ def test_ssh_ranks_get_the_values_over_the_channel_and_no_node_keeps_them(tmp_pa
 
     job = write_job(tmp_path, ssh_cluster, tiny_dataset)
     job.write_text(yaml.safe_dump({**yaml.safe_load(job.read_text()), "secret_env": secrets.section}))
-    proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, env=secrets.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        # The hosts' PID namespaces are children of this one: their ranks are in this /proc too.
-        watch_ranks(proc, lambda: started_run(tmp_path), [tmp_path / "nodes"], secrets.values, want=2)
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out + err
+    # The hosts' PID namespaces are children of this one: their ranks are in this /proc too.
+    out, err = up_watching_ranks(tmp_path, [job], secrets.env, [tmp_path / "nodes"], secrets.values)
     run_dir = only_run(tmp_path)
     for node in ("node0", "node1"):
         start = (tmp_path / "nodes" / node / run_dir.name / "start.sh").read_text()
@@ -373,16 +366,9 @@ def test_k8s_pods_read_the_runs_secret_and_no_other_object_holds_the_values(tmp_
         cluster.runner.core.create_namespaced_secret("default", {
             "metadata": {"name": "team-keys"}, "data": {"wandb": base64.b64encode(wandb.encode()).decode()}})
         env = {**launcher_env(cluster), TOKEN_VAR: secrets.values["HF_TOKEN"]}
-        proc = subprocess.Popen([LAUNCHER, "up", str(job), "--pvc-dir", str(cluster.runner.pvc_dir(CLAIM))],
-                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         values = {**secrets.values, "WANDB_KEY": wandb}
-        try:
-            watch_ranks(proc, lambda: started_run(tmp_path), [cluster.runner.root / "pods"], values, want=2)
-            out, err = proc.communicate(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        assert proc.returncode == 0, out + err
+        out, err = up_watching_ranks(tmp_path, [job, "--pvc-dir", cluster.runner.pvc_dir(CLAIM)], env,
+                                     [cluster.runner.root / "pods"], values)
         run_dir = only_run(tmp_path)
         assert_nothing_left(cluster, run_dir.name)  # the run's Secret is deleted with its other objects
 
