@@ -13,7 +13,6 @@ rank as TensorBoard's --logdir expects.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import posixpath
@@ -22,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import logparse, report, run_versions
+from launcher.checksums import sha256_file
 from launcher.errors import BackendError
 from launcher.plan import LaunchPlan
 from launcher.runs import MANIFEST, RANKS_DIR, SUMMARY, TENSORBOARD_DIR
 
 LOSS_PLOT = "loss.png"
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -68,19 +67,6 @@ def wanted_files(plan: LaunchPlan, workdir: Path) -> list[Wanted]:
     output = workdir / "output"
     paths = [str(p.relative_to(workdir)) for p in output.rglob("*") if p.is_file()] if output.is_dir() else []
     return wanted_from_paths(plan, paths)
-
-
-def sha256_of(path: Path):
-    """A sha256 object fed with the file's bytes (more may be added)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest
-
-
-def sha256_file(path: Path) -> str:
-    return sha256_of(path).hexdigest()
 
 
 def copy_verified(src: Path, dest: Path, expected_sha: str | None = None) -> str:

@@ -15,12 +15,12 @@ import json
 import time
 import urllib.error
 import urllib.request
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
 
 from launcher.plan import JOB_PATH, LaunchPlan
+from launcher.run_versions import launcher_version
 
 TIMEOUT_S = 5.0
 EVENTS = ("started", "restarted", "failed", "ended")
@@ -33,10 +33,8 @@ def webhook_of(plan: LaunchPlan) -> str | None:
 
 
 def _user_agent() -> str:
-    try:
-        return f"launcher/{version('launcher')}"
-    except PackageNotFoundError:
-        return "launcher"
+    found = launcher_version()
+    return f"launcher/{found}" if found else "launcher"
 
 
 def failure_kind(record) -> str | None:

@@ -15,12 +15,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
+import yaml
+
 from launcher import helm_values, k8s_ascend, k8s_manifests, mfconfig, ranktable, secret_env
 from launcher.errors import ConfigError
 from launcher.render import render_template, to_json, to_yaml
 from launcher.runs import OUTPUT_DIR
 from launcher.models import BIND_CORE_FROM, MODULES_ENV, model_spec, modules_env, release_line
-from launcher.spec import Job, mindformers_release, runs_in_image
+from launcher.spec import Job, mindformers_release, parse_job, runs_in_image
 
 PLAN_FILE = "plan.json"
 CONFIG_PATH = "mindformers/run.yaml"
@@ -83,6 +85,17 @@ class LaunchPlan:
     nodes: tuple[NodeStep, ...]
     artifacts: Mapping[str, str] = field(repr=False)
     ssh: SshOptions | None = None
+
+    def job(self) -> Job | None:
+        """The job as it ran (JOB_PATH); None for a plan rendered before it was kept, or one this
+        launcher no longer accepts."""
+        text = self.artifacts.get(JOB_PATH)
+        if not text:
+            return None
+        try:
+            return parse_job(yaml.safe_load(text), source=JOB_PATH)
+        except (ConfigError, ValueError, yaml.YAMLError):
+            return None
 
     @property
     def world_size(self) -> int:

@@ -16,13 +16,11 @@ from functools import cache
 from pathlib import Path
 
 import jinja2
-import yaml
 
-from launcher.errors import LauncherError
 from launcher.plan import CONFIG_PATH, JOB_PATH, PLAN_FILE, LaunchPlan
 from launcher.render import environment
 from launcher.runs import PLAN_DIR, REPORT, RUN_FILE, TENSORBOARD_DIR
-from launcher.spec import mindformers_release, parse_job, runs_in_image
+from launcher.spec import mindformers_release, runs_in_image
 
 TEMPLATE = "report.html.j2"
 
@@ -76,17 +74,15 @@ def _duration(info: dict) -> str:
     return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
-def versions(plan: LaunchPlan, job_text: str | None, info: dict) -> list[tuple[str, str]]:
+def versions(plan: LaunchPlan, info: dict) -> list[tuple[str, str]]:
     """What the run ran with: the backend from plan.json, MindFormers and the image from the job as it
     ran, then whatever run.json records under versions."""
     rows = [("backend", plan.backend), ("device", plan.device), ("launch", plan.launch)]
-    try:
-        job = parse_job(yaml.safe_load(job_text or ""), source=f"{PLAN_DIR}/{JOB_PATH}")
+    job = plan.job()  # None for an older run or one this launcher no longer accepts: the page shows its text
+    if job is not None:
         release, where = mindformers_release(job)
         rows.append(("MindFormers", f"{release} ({where})" if release else "not pinned: the nodes' installed one"))
         rows.append(("image", job.image.reference if runs_in_image(job) else "none: the ranks ran on the hosts"))
-    except (LauncherError, ValueError, yaml.YAMLError):
-        pass  # no job.yaml (an older run) or one this launcher no longer accepts: the page shows its text
     recorded = info.get("versions")
     if isinstance(recorded, dict):
         shown = {name for name, _ in rows}  # the image is already there, from the job
@@ -156,7 +152,7 @@ def render_report(run_dir: Path, plan: LaunchPlan, record, summary: dict, loss_p
         "config_text": _read(plan_dir / CONFIG_PATH),
         "config_path": f"{PLAN_DIR}/{CONFIG_PATH}",
         "plan_path": f"{PLAN_DIR}/{PLAN_FILE}",
-        "versions": versions(plan, job_text, info),
+        "versions": versions(plan, info),
         "tensorboard": f"{TENSORBOARD_DIR}/" if (run_dir / TENSORBOARD_DIR).is_dir() else None,
     }
     return _html_environment().get_template(TEMPLATE).render(**context)

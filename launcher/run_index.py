@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from launcher.errors import ConfigError
+from launcher.checksums import sha256_file
 from launcher.runs import MANIFEST, RUN_FILE, SUMMARY
 
 # The states of RunRecord.state; a run in a live state has no end yet.
@@ -192,7 +193,7 @@ def check_manifest(run_dir: Path, full: bool = False) -> tuple[str, list[str]]:
             problems.append(f"{rel}: missing")
         elif info.st_size != meta.get("size"):
             problems.append(f"{rel}: size {info.st_size} differs from the manifest's {meta.get('size')}")
-        elif full and _sha256(path) != meta.get("sha256"):
+        elif full and sha256_file(Path(path)) != meta.get("sha256"):
             problems.append(f"{rel}: content differs from the manifest")
     return (MANIFEST_DIFFERS if problems else MANIFEST_OK), problems
 
@@ -237,8 +238,3 @@ def filter_rows(rows: list[RunRow], states: set[str] | None = None, job: str | N
         and (since is None or r.started >= since)
     ]
 
-
-def _sha256(path: str) -> str:
-    from launcher.gather import sha256_file  # here: the listing itself never needs the gather's imports
-
-    return sha256_file(Path(path))

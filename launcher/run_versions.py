@@ -12,17 +12,14 @@ ranks/rank_N/versions.json and folds them here into one entry per node:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import subprocess
 from pathlib import Path
 
-import yaml
-
-from launcher.errors import LauncherError
-from launcher.plan import JOB_PATH, PLAN_FILE, LaunchPlan
-from launcher.spec import parse_job, runs_in_image
+from launcher.checksums import sha256_file
+from launcher.plan import PLAN_FILE, LaunchPlan
+from launcher.spec import runs_in_image
 
 # What each rank reports, in the order `launcher status` shows it.
 NODE_FIELDS = ("python", "mindspore", "mindformers", "cann", "driver")
@@ -47,10 +44,6 @@ def job_source(job: str | Path) -> Path:
     return path / PLAN_FILE if path.is_dir() else path
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _git(directory: Path, *args: str) -> str | None:
     try:
         result = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True,
@@ -73,15 +66,9 @@ def git_commit(path: Path) -> str | None:
 
 
 def image_of(plan: LaunchPlan) -> str | None:
-    """The image the ranks run in, from the job as it ran (plan/job.yaml); None when they run on the hosts."""
-    text = plan.artifacts.get(JOB_PATH)
-    if not text:
-        return None  # a plan rendered before job.yaml was kept
-    try:
-        job = parse_job(yaml.safe_load(text), source=f"plan/{JOB_PATH}")
-    except (LauncherError, ValueError, yaml.YAMLError):
-        return None
-    return job.image.reference if runs_in_image(job) else None
+    """The image the ranks run in, from the job as it ran; None when they run on the hosts."""
+    job = plan.job()
+    return job.image.reference if job is not None and runs_in_image(job) else None
 
 
 def at_start(plan: LaunchPlan, job: str | Path | None) -> dict:

@@ -25,7 +25,8 @@ import yaml
 
 from launcher.ckpt import stream
 from launcher.errors import ConfigError, LauncherError
-from launcher.gather import RANKS_DIR, sha256_file
+from launcher.checksums import sha256_file
+from launcher.gather import RANKS_DIR
 from launcher.runs import FILTERED_DIR, MERGED_DIR, PLAN_DIR
 
 RUN_CONFIG = Path(PLAN_DIR) / "mindformers" / "run.yaml"

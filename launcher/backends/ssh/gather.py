@@ -11,6 +11,7 @@ import asyncssh
 
 from launcher import gather as local_gather
 from launcher.backends.ssh import transport
+from launcher.checksums import sha256_file, sha256_of
 from launcher.backends.ssh.session import NodeState, SshRun, remote_run_dir
 from launcher.errors import BackendError, TransportError
 
@@ -59,13 +60,13 @@ async def fetch(run: SshRun, node: transport.Node, base: str, source: str, dest:
     async def node_sha() -> str:
         return next(f["sha256"] for f in (await hashing)["files"] if f["path"] == source)
 
-    if dest.is_file() and local_gather.sha256_file(dest) == await node_sha():
+    if dest.is_file() and sha256_file(dest) == await node_sha():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f".{dest.name}.partial")
     for _attempt in range(2):
         # Hash what a previous gather left, then the new bytes as they arrive: the file is read once.
-        digest = local_gather.sha256_of(partial) if partial.exists() else hashlib.sha256()
+        digest = sha256_of(partial) if partial.exists() else hashlib.sha256()
         offset = partial.stat().st_size if partial.exists() else 0
         # Large reads, each split by asyncssh into many requests in flight; written in order, so the
         # partial file is always a complete prefix that a later gather can resume from.
