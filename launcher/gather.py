@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import logparse, report, run_versions
+from launcher import attempts, logparse, report, run_versions
 from launcher.checksums import sha256_file
 from launcher.errors import BackendError
 from launcher.plan import LaunchPlan
@@ -95,11 +95,13 @@ def gather_local(plan: LaunchPlan, workdir: Path, run_dir: Path) -> list[Wanted]
 
 
 def manifest_entries(run_dir: Path) -> dict[str, dict]:
+    """Every gathered file of every attempt (attempts/<k>/ranks/..., launcher/attempts.py)."""
     files = {}
-    for top in (RANKS_DIR, TENSORBOARD_DIR, "plan", "nodes"):
-        for path in sorted((run_dir / top).rglob("*")):
-            if path.is_file() and not path.name.endswith(".partial"):
-                files[str(path.relative_to(run_dir))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    for directory in attempts.attempt_dirs(run_dir):
+        for top in (RANKS_DIR, TENSORBOARD_DIR, "plan", "nodes"):
+            for path in sorted((directory / top).rglob("*")):
+                if path.is_file() and not path.name.endswith(".partial"):
+                    files[str(path.relative_to(run_dir))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     return files
 
 
@@ -129,9 +131,11 @@ def write_summary(plan: LaunchPlan, run_dir: Path, extra: dict) -> dict:
     ranks = {}
     curves = {}
     for slot in plan.ranks:
-        info = run_dir / rank_dir(slot.rank) / "log" / "info.log"
-        records = logparse.parse_text(info.read_text(errors="replace")) if info.is_file() else []
-        ckpts = sorted(p.name for p in (run_dir / rank_dir(slot.rank) / "checkpoint").glob("*.ckpt"))
+        records = attempts.rank_records(run_dir, slot.rank)
+        ckpts = []  # file names; a later attempt's as attempts/<k>/<name>
+        for directory in attempts.attempt_dirs(run_dir):
+            prefix = "" if directory == run_dir else f"{directory.relative_to(run_dir)}/"
+            ckpts += sorted(prefix + p.name for p in (directory / rank_dir(slot.rank) / "checkpoint").glob("*.ckpt"))
         ranks[str(slot.rank)] = {
             "node": slot.node,
             "host": slot.host,

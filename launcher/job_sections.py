@@ -45,6 +45,21 @@ class Data(Strict):
 class Checkpoint(Strict):
     load: str = ""
     auto_trans: bool = False
+    save_steps: int | None = Field(None, ge=1, description="every rank saves a checkpoint every this many steps "
+                                   "(MindFormers' save_checkpoint_steps); default: the base config's")
+    keep: int | None = Field(None, ge=1, description="how many of its newest checkpoints each rank keeps "
+                             "(keep_checkpoint_max); default: the base config's, else MindFormers' 5")
+    resume: str | None = Field(None, description="resume training (step, optimizer state, data position) from "
+                               "this rank-0 checkpoint file name, found for each rank N as load/rank_N/<name with "
+                               "rank_N>; restarts and `launcher resume` set it")
+
+    @model_validator(mode="after")
+    def _resume_needs_load(self):
+        if self.resume is not None and not self.load:
+            raise ValueError("resume names a file under load's rank_N/ folders: give load too")
+        if self.resume is not None and not re.match(r"^[^/]*_rank_0-\d+_\d+\.ckpt$", self.resume):
+            raise ValueError(f"resume: '{self.resume}' is not a rank-0 checkpoint name like name_rank_0-1_8.ckpt")
+        return self
 
 
 class Parallel(Strict):
@@ -334,6 +349,24 @@ class SecretSource(Strict):
 class Monitor(Strict):
     tensorboard: bool = Field(False, description="MindFormers writes TensorBoard event files; they are gathered "
                               "into runs/<id>/tensorboard/rank_N/")
+    stall_after_s: float | None = Field(None, gt=0, description="a rank with no new step for this long has "
+                                        "stalled; default: derived from the run's own step times")
+    first_step_within_s: float = Field(3600, gt=0, description="a rank with no first step (graph compile, "
+                                       "checkpoint load) after this long has stalled")
+
+
+# What a restart may follow: the failure kinds of launcher/diagnose.py. A Python exception or bad data
+# fails the same way again, so they are not in the default.
+RESTART_KINDS = ("python_exception", "out_of_memory", "hccl_timeout", "node_lost", "stalled", "pod_evicted",
+                 "pod_unschedulable", "bad_data", "unknown")
+
+
+class Restart(Strict):
+    max_attempts: int = Field(1, ge=1, le=100, description="attempts in all; 1 never restarts")
+    on: list[Literal[RESTART_KINDS]] = Field(  # type: ignore[valid-type]
+        ["out_of_memory", "hccl_timeout", "node_lost", "stalled", "pod_evicted", "unknown"],
+        description="the failure kinds that start another attempt")
+    backoff_s: float = Field(10, ge=0, description="wait before the next attempt, doubled after each one")
 
 
 class Notify(Strict):

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from launcher.logparse import RankProgress, format_duration, seconds_left
 from launcher.plan import STATUS_DIR, LaunchPlan
+from launcher.stall import StallWatch
 
 
 def rank_exit_codes(plan: LaunchPlan, workdir: Path) -> dict[int, int]:
@@ -27,9 +28,12 @@ def rank_exit_codes(plan: LaunchPlan, workdir: Path) -> dict[int, int]:
 class LiveView:
     """A rich table that refreshes while the job runs; silent when stdout is not a terminal."""
 
-    def __init__(self, plan: LaunchPlan, workdir: Path, console: Console, title: str):
+    def __init__(self, plan: LaunchPlan, workdir: Path, console: Console, title: str,
+                 watch: StallWatch | None = None):
+        """watch: the stall watchdog, for a view that follows a running job (not for `status`)."""
         self.plan, self.workdir, self.console, self.title = plan, workdir, console, title
         self.progress = {s.rank: RankProgress(workdir / s.info_log) for s in plan.ranks}
+        self.watch, self.stalled = watch, None
         self.started = time.monotonic()
         self._live = Live(console=console, auto_refresh=False) if console.is_terminal else None
 
@@ -46,6 +50,8 @@ class LiveView:
     def update(self) -> None:
         for progress in self.progress.values():
             progress.poll()
+        if self.watch is not None and self.stalled is None:
+            self.stalled = self.watch.check(self.progress, set(rank_exit_codes(self.plan, self.workdir)))
         if self._live:
             self._live.update(self.table(), refresh=True)
 

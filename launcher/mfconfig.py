@@ -52,6 +52,13 @@ def build(job: Job) -> dict:
     cfg["output_dir"] = OUTPUT_DIR
     cfg["use_parallel"] = world > 1
     cfg["load_checkpoint"] = job.checkpoint.load
+    if job.checkpoint.resume:
+        # MindFormers (r1.8.0 trainer/trainer.py finetune, tools/resume_ckpt.py get_resume_checkpoint): a
+        # string resume_training names the file, its _rank_0 replaced by each rank's own, under
+        # load_checkpoint/rank_N/; the rank loads step_num, epoch_num and loss_scale from it and the
+        # dataset skips the steps done (base_trainer.py: dataset.set_init_step unless ignore_data_skip).
+        # True instead would pick the step from meta.json behind a barrier that has no CPU kernel.
+        cfg["resume_training"] = job.checkpoint.resume
     cfg["auto_trans_ckpt"] = job.checkpoint.auto_trans
     cfg.setdefault("context", {})["device_target"] = "CPU" if cluster.device == "cpu" else "Ascend"
     parallel = cfg.setdefault("parallel", {})
@@ -82,6 +89,14 @@ def build(job: Job) -> dict:
         model_config.pop("pet_config", None)
     if job.monitor.tensorboard:
         cfg["tensorboard"] = tensorboard_section(job)
+    if (job.checkpoint.save_steps or job.checkpoint.keep) and not checkpoint_callbacks(cfg):
+        raise ConfigError("checkpoint.save_steps/keep: the base config has no CheckpointMonitor callback to set")
+    for callback in checkpoint_callbacks(cfg):
+        # CheckpointMonitor's own names (mindformers r1.8.0 core/callback/callback.py __init__).
+        if job.checkpoint.save_steps is not None:
+            callback["save_checkpoint_steps"] = job.checkpoint.save_steps
+        if job.checkpoint.keep is not None:
+            callback["keep_checkpoint_max"] = job.checkpoint.keep
     for dotted, value in job.mindformers.overrides.items():
         apply_override(cfg, dotted, value)
     fit_to_release(cfg, mindformers_release(job)[0] or TARGET_RELEASE)
@@ -119,13 +134,16 @@ def tensorboard_section(job: Job) -> dict:
 _CHECKPOINT_CALLBACKS = ("CheckpointMointor", "CheckpointMonitor")
 
 
+def checkpoint_callbacks(cfg: dict) -> list[dict]:
+    return [c for c in cfg.get("callbacks") or [] if isinstance(c, dict) and c.get("type") in _CHECKPOINT_CALLBACKS]
+
+
 def fit_to_release(cfg: dict, version: str) -> None:
     """Spell what MindFormers renamed between releases the way the ranks' release registers it."""
     line = release_line(version)
     name = _CHECKPOINT_CALLBACKS[line >= (1, 2)]
-    for callback in cfg.get("callbacks") or []:
-        if isinstance(callback, dict) and callback.get("type") in _CHECKPOINT_CALLBACKS:
-            callback["type"] = name
+    for callback in checkpoint_callbacks(cfg):
+        callback["type"] = name
     optimizer = cfg.get("optimizer")
     if line >= (1, 6) and isinstance(optimizer, dict) and optimizer.get("type") == "FP32StateAdamWeightDecay":
         # FP32StateAdamWeightDecay (mindformers/core/optim/optim.py up to v1.5.0) is gone from v1.6.0 on;

@@ -123,6 +123,18 @@ def _png_data_uri(path: Path) -> str | None:
         return None
 
 
+def _attempt_rows(info: dict) -> list[dict]:
+    """One row per attempt of a restarted run (run.json attempt_records)."""
+    rows = []
+    for entry in info.get("attempt_records") or []:
+        failure = entry.get("failure") or {}
+        start = entry.get("resumed_from")
+        rows.append({"attempt": entry.get("attempt"), "run_id": entry.get("run_id"), "state": entry.get("state"),
+                     "failure": f"{failure.get('kind')}: {failure.get('summary', '')}" if failure else "",
+                     "start": f"step {start.get('step')}" if start else "the beginning"})
+    return rows
+
+
 def render_report(run_dir: Path, plan: LaunchPlan, record, summary: dict, loss_png: Path, failed_tail: str) -> str:
     info = _run_info(run_dir, record)
     plan_dir = run_dir / PLAN_DIR
@@ -154,6 +166,7 @@ def render_report(run_dir: Path, plan: LaunchPlan, record, summary: dict, loss_p
         "plan_path": f"{PLAN_DIR}/{PLAN_FILE}",
         "versions": versions(plan, info),
         "tensorboard": f"{TENSORBOARD_DIR}/" if (run_dir / TENSORBOARD_DIR).is_dir() else None,
+        "attempts": _attempt_rows(info),
     }
     return _html_environment().get_template(TEMPLATE).render(**context)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import diagnose, gather, notify, run_versions
+from launcher import attempts, diagnose, gather, notify, resume, run_versions
 from launcher.backends import base
 from launcher.backends.base import Backend, Outcome, Problem, Run, Status
 from launcher.errors import ConfigError, LauncherError
@@ -104,6 +104,9 @@ def up(job: str, runs_dir: Path, options: dict, events: Events, overrides: Seque
         completed = backend.complete(spec, plan, runs_dir, events)
         if completed is not spec:
             plan = build_plan(completed)
+    kept = plan.job()
+    if kept is not None and kept.restart.max_attempts > 1:
+        backend.check_restart(plan)
     run = _new_run(plan, runs_dir, backend, events, overrides, job)
     if data_path is not None:
         from launcher.data.cache import record_run_data
@@ -124,8 +127,84 @@ def up(job: str, runs_dir: Path, options: dict, events: Events, overrides: Seque
         raise
     _diagnose(run)  # before finish, so that report.html and the notification carry it
     summary = gather.finish(plan, run.dir, run.record)
+    outcome, summary = _restarts(run, run, backend, events, notifier, outcome, summary)
     notifier.ended(run.record, run.dir)
     return Finished(run, backend, outcome, summary, notifier.warnings)
+
+
+def resume_run(run_name: str, runs_dir: Path, options: dict, events: Events) -> Finished:
+    """Start the next attempt of a run that ended failed or interrupted, from its newest step that every
+    rank has a verified checkpoint of; the job's restart policy then goes on as in `up`."""
+    top_dir = find_run(run_name, runs_dir).resolve()  # the node script runs in it
+    record = RunRecord.load(top_dir)
+    if record.state not in ("failed", "interrupted"):
+        raise ConfigError(f"run {record.run_id} is {record.state}; only a failed or interrupted run resumes")
+    top = Run(top_dir, record, LaunchPlan.read(top_dir / PLAN_DIR))
+    backend = base.get(record.backend, **options)
+    backend.check_restart(top.plan)
+    current = attempts.latest(top_dir, record)
+    if len(record.attempt_records) < record.attempts:
+        attempts.end(top, current, record.attempts, None)
+    notifier = notify.Notifier(notify.webhook_of(top.plan))
+    outcome, summary = _restarts(top, current, backend, events, notifier, Outcome(), None, by_hand=True)
+    notifier.ended(top.record, top.dir)
+    return Finished(top, backend, outcome, summary, notifier.warnings)
+
+
+def _restarts(top: Run, current: Run, backend: Backend, events: Events, notifier: notify.Notifier,
+              outcome: Outcome, summary: dict | None, by_hand: bool = False) -> tuple[Outcome, dict | None]:
+    """Further attempts of a failed run while its restart policy allows (one more first, when by_hand)."""
+    job = top.plan.job()
+    policy = job.restart if job is not None else None
+    while by_hand or _restartable(current.record, policy, top.record.attempts):
+        attempt = top.record.attempts + 1
+        if not top.record.attempt_records:
+            attempts.end(top, current, 1, None)
+        backend.check_restart(top.plan)
+        point = resume.find_resume_point(top.dir, top.plan.world_size)
+        wait = 0.0 if by_hand else policy.backoff_s * 2 ** (attempt - 2)
+        _say_restart(events, current.record, attempt, policy, point, wait)
+        try:
+            time.sleep(wait)
+        except KeyboardInterrupt:
+            top.record.state, top.record.message = "interrupted", f"stopped by the user before attempt {attempt}"
+            top.record.save(top.dir)
+            break
+        by_hand = False
+        current = attempts.start_attempt(top, attempt, attempts.resumed_plan(current.plan, point), point)
+        notifier.send("restarted", top.record, top.dir)
+        events.info(f"attempt {attempt}: run [bold]{current.record.run_id}[/]")
+        try:
+            outcome = backend.execute(current, events)
+        except LauncherError as err:
+            current.record = RunRecord.load(current.dir)
+            if current.record.state in ("starting", "running"):
+                current.record.state, current.record.message = "failed", str(err)
+                current.record.save(current.dir)
+            attempts.end(top, current, attempt, point)
+            raise
+        _diagnose(current)
+        gather.finish(current.plan, current.dir, current.record)
+        attempts.end(top, current, attempt, point)
+        summary = gather.finish(top.plan, top.dir, top.record)
+    return outcome, summary
+
+
+def _restartable(record: RunRecord, policy, attempts_so_far: int) -> bool:
+    if policy is None or record.state != "failed" or attempts_so_far >= policy.max_attempts:
+        return False
+    return (record.failure or {}).get("kind", "unknown") in policy.on
+
+
+def _say_restart(events: Events, ended: RunRecord, attempt: int, policy, point, wait: float) -> None:
+    kind = (ended.failure or {}).get("kind", ended.state)
+    of = f" of {policy.max_attempts}" if policy is not None and policy.max_attempts >= attempt else ""
+    start = (f"resuming from step {point.step} (every rank's checkpoint verified)" if point is not None
+             else "from the start: no step has a verified checkpoint of every rank")
+    events.info(f"attempt {attempt - 1} ended {ended.state} ({kind}); attempt {attempt}{of} "
+                f"{f'in {wait:.0f}s, ' if wait else ''}{start}")
+    for line in point.passed_over if point is not None else ():
+        events.info(f"  passed over: {line}")
 
 
 def _diagnose(run: Run) -> None:
@@ -151,10 +230,11 @@ def _new_run(plan: LaunchPlan, runs_dir: Path, backend: Backend, events: Events,
 
 
 def open_run(run: str, runs_dir: Path) -> tuple[Run, Backend]:
-    """A run again, from a new process, and its backend (which reaches the nodes from the run's files)."""
+    """A run again, from a new process, and its backend (which reaches the nodes from the run's files).
+    For a restarted run: its newest attempt."""
     run_dir = find_run(run, runs_dir)
     record = RunRecord.load(run_dir)
-    return Run(run_dir, record, LaunchPlan.read(run_dir / PLAN_DIR)), base.get(record.backend)
+    return attempts.latest(run_dir, record), base.get(record.backend)
 
 
 def status(run: Run, backend: Backend) -> Status:
@@ -178,6 +258,10 @@ def gather_again(run: Run, backend: Backend) -> tuple[dict, list[Problem], int]:
     problems = backend.gather(run)
     _diagnose(run)
     summary = gather.finish(run.plan, run.dir, run.record)
+    top_dir = attempts.top_of(run.dir)
+    if top_dir != run.dir:  # a later attempt: the run's own files go across attempts
+        top = RunRecord.load(top_dir)
+        summary = gather.finish(LaunchPlan.read(top_dir / PLAN_DIR), top_dir, top)
     fatal = [p.text for p in problems if p.fatal]
     if fatal:
         raise LauncherError("; ".join(fatal))

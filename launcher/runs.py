@@ -31,6 +31,10 @@ REPORT = "report.html"  # the run on one self-contained page, rewritten by every
 FILTERED_DIR = "filtered"  # launcher ckpt filter
 MERGED_DIR = "merged"  # launcher ckpt merge
 MERGED_LORA_DIR = "merged-lora"  # launcher ckpt merge-lora
+# attempts/<k>/: attempt k (2, 3, ...) of a restarted run, laid out as a run directory; attempt 1 is the run
+# directory itself. RESUME_DIR in an attempt: the checkpoint it resumes from, rank_N/<file> per rank.
+ATTEMPTS_DIR = "attempts"
+RESUME_DIR = "resume"
 
 
 @dataclass
@@ -50,6 +54,10 @@ class RunRecord:
     failure: dict | None = None
     # What the run ran with: launcher, job_sha256, git_commit, image, and nodes (see run_versions.py).
     versions: dict = field(default_factory=dict)
+    attempts: int = 1  # how many attempts the run has started (launcher/attempts.py)
+    # How each attempt ended, in order: attempt, run_id, dir, state, exit_code, failed_rank, failure, started,
+    # finished, resumed_from ({step, epoch, files} or None); empty for a run that never restarted.
+    attempt_records: list[dict] = field(default_factory=list)
 
     def save(self, run_dir: Path) -> None:
         tmp = run_dir / f".{RUN_FILE}.tmp"

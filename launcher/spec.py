@@ -31,6 +31,7 @@ from launcher.job_sections import (
     Notify,
     Output,
     Parallel,
+    Restart,
     SecretSource,
 )
 from launcher.models import MODELS, MSRUN_FROM, model_spec, release_line
@@ -59,6 +60,7 @@ class Job(Strict):
                                                 "whose values are secret: read when the ranks start, never written")
     monitor: Monitor = Monitor()
     notify: Notify = Notify()
+    restart: Restart = Restart()
 
     @field_validator("name")
     @classmethod

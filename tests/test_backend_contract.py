@@ -558,3 +558,37 @@ def test_new_processes_reach_a_run_whose_launcher_died(backend, tiny_dataset):
         pytest.xfail("logs -f still followed the run 5 s after down stopped it")
     assert ended, f"logs -f did not end after down (exit {follow.returncode})"
     assert backend.follow_ends_after_down, "logs -f now ends after down: follow_ends_after_down is out of date"
+
+
+@pytest.mark.parametrize("backend", ["ssh", "k8s"], indirect=True)  # local: test_e2e_resume.py
+def test_a_failed_run_restarts_from_its_last_whole_checkpoint(backend, tiny_dataset):
+    """Rank 1 is killed at step 10 of the first attempt; the second resumes from step 8 on the same nodes.
+    Kubernetes refuses a restart policy before anything is created."""
+    job = backend.job(tiny_dataset, env={"LAUNCHER_FAULT": "1:10:kill:1"})
+    data = yaml.safe_load(job.read_text())
+    data.update(checkpoint={"save_steps": 4}, restart={"max_attempts": 2, "backoff_s": 0})
+    job.write_text(yaml.safe_dump(data))
+    result = backend.up(job)
+    if backend.name == "k8s":
+        assert result.returncode == 2 and "a Kubernetes run does not restart or resume yet" in result.stderr, result
+        assert not (backend.tmp_path / "runs").exists() or not any((backend.tmp_path / "runs").iterdir())
+        return
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = only_run(backend.tmp_path)
+    run = record(run_dir)
+    assert run["attempts"] == 2 and run["state"] == "succeeded"
+    assert run["attempt_records"][1]["resumed_from"]["step"] == 8
+    attempt = run_dir / "attempts" / "2"
+    from launcher.resume import checkpoint_step
+
+    for rank in (0, 1):
+        info = (attempt / "ranks" / f"rank_{rank}" / "log" / "info.log").read_text()
+        assert re.findall(r"step:\[\s*(\d+)/", info) == [str(s) for s in range(9, STEPS + 1)]
+        steps = [checkpoint_step(p)[0] for p in (attempt / "ranks" / f"rank_{rank}" / "checkpoint").glob("*.ckpt")]
+        assert max(steps) == STEPS
+        # Each node was given only its own rank's checkpoint to resume from.
+        staged = backend.node_dir(rank, f"{run_dir.name}-a2") / "resume"
+        assert sorted(p.name for p in staged.iterdir()) == [f"rank_{rank}"], staged
+    assert manifest_problems(run_dir) == []
+    assert_nothing_left(backend, run_dir.name)
+    assert_nothing_left(backend, f"{run_dir.name}-a2")

@@ -100,6 +100,9 @@ class Backend(ABC):
         """The job with what only the nodes can tell (e.g. device IPs), before the final plan."""
         return job
 
+    def check_restart(self, plan: LaunchPlan) -> None:
+        """What starting another attempt of a run needs (restart and `launcher resume`)."""
+
     def where(self, plan: LaunchPlan) -> str:
         """Where the ranks run, in words."""
         return f"{len(plan.nodes)} nodes"

@@ -27,6 +27,7 @@ from launcher.plan import ENV_PATH, STATUS_DIR, LaunchPlan
 from launcher.runs import NODE_LOG, PLAN_DIR, RunRecord
 from launcher.models import model_spec
 from launcher.spec import Job
+from launcher.stall import STACKS_WAIT_S, StallWatch
 
 POLL_SECONDS = 0.25
 _MSRUN_WORKER_FAILED = re.compile(r"Worker process (\d+) exit with exception")
@@ -103,18 +104,21 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
         )
     record.leader_pid, record.state = proc.pid, "running"
     record.save(run_dir)
-    interrupted = False
+    interrupted, stalled = False, None
     try:
-        with LiveView(plan, run_dir, console, title=record.run_id) as view:
+        with LiveView(plan, run_dir, console, title=record.run_id, watch=StallWatch.for_plan(plan)) as view:
             # A rank that records a failure ends the watch at once: the others are stopped now,
             # not when msrun notices.
-            while proc.poll() is None and not _any_rank_failed(plan, run_dir):
+            while proc.poll() is None and not _any_rank_failed(plan, run_dir) and view.stalled is None:
                 view.update()
                 time.sleep(POLL_SECONDS)
+            stalled = view.stalled
     except KeyboardInterrupt:
         interrupted = True
     finally:
         with teardown_shield():
+            if stalled is not None and nodectl.dump_stacks(record.run_id, str(run_dir)):
+                time.sleep(STACKS_WAIT_S)
             left = nodectl.stop_run(record.run_id, [proc.pid])
     rc = proc.wait()
     rank_failed = _any_rank_failed(plan, run_dir)
@@ -123,6 +127,9 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
         record.state, record.message = "failed", f"processes still alive after teardown: {left}"
     elif interrupted:
         record.state, record.exit_code, record.message = "interrupted", 130, "stopped by the user; every rank stopped"
+    elif stalled is not None:
+        record.state, record.exit_code, record.failed_rank = "failed", 1, stalled.rank
+        record.message = stalled.message()
     elif rc == 0 and not rank_failed:
         record.state, record.exit_code = "succeeded", 0
     else:

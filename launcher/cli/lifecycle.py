@@ -106,9 +106,28 @@ def up(job: str, dry_run: bool, output: str | None, runs_dir: str, overrides: tu
     _report(runner.up(job, Path(runs_dir), options, _Screen(), overrides))
 
 
+@click.command("resume")
+@click.argument("run", metavar="RUN")
+@click.option("--runs-dir", default=DEFAULT_RUNS_DIR, show_default=True, help="where run directories are")
+@click.option("--accept-new-host-keys", is_flag=True,
+              help="ssh: trust nodes whose host key is not yet in known_hosts, and record their keys")
+@reports_errors
+def resume(run: str, runs_dir: str, **options) -> None:
+    """Start the next attempt of RUN, which ended failed or interrupted.
+
+    It resumes from the newest step of which every rank's checkpoint is in the run's manifest and
+    verified (size and sha256, and it reads as a checkpoint), with the step, optimizer state and data
+    position MindFormers keeps in it; with none, it starts from the beginning. The attempt goes into
+    runs/<run>/attempts/<k>/, and the run's summary, loss curve and manifest cover every attempt.
+    """
+    _report(runner.resume_run(run, Path(runs_dir), options, _Screen()))
+
+
 def _report(done: runner.Finished) -> None:
     record = done.run.record
     _print_summary(done.summary)
+    for line in _attempt_lines(record):
+        out.print(line, markup=False)
     out.print(f"run directory: {done.run.dir}/  (report: {done.run.dir / REPORT})")
     _print_warnings([*done.outcome.problems, *done.notices])
     code = done.exit_code
@@ -126,6 +145,17 @@ def _report(done: runner.Finished) -> None:
             err.print(line, markup=False)
     if code:
         sys.exit(code)
+
+
+def _attempt_lines(record) -> list[str]:
+    """One line per attempt of a restarted run: how it ended, and where it started from."""
+    lines = []
+    for entry in record.attempt_records:
+        kind = (entry.get("failure") or {}).get("kind")
+        start = entry.get("resumed_from")
+        began = f"resumed from step {start['step']}" if start else "from the start"
+        lines.append(f"attempt {entry['attempt']}: {entry['state']}{f' ({kind})' if kind else ''}, {began}")
+    return lines
 
 
 def _failure_lines(failure: dict) -> list[str]:

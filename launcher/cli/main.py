@@ -17,6 +17,7 @@ COMMANDS = {
     "logs": "launcher.cli.lifecycle:logs",
     "gather": "launcher.cli.lifecycle:gather_cmd",
     "down": "launcher.cli.lifecycle:down",
+    "resume": "launcher.cli.lifecycle:resume",
     "runs": "launcher.cli.runs:runs_cmd",
     "compare": "launcher.cli.runs:compare_cmd",
     "dataset": "launcher.cli.lifecycle:dataset",
@@ -51,6 +52,7 @@ def main() -> None:
     launcher render JOB -o DIR    write every artifact for review
     launcher up JOB               start the job, watch it, gather it into runs/<run-id>/
     launcher status|logs|gather|down RUN
+    launcher resume RUN           the next attempt of a failed run, from its last verified checkpoint
     launcher runs                 every run, one line each; compare RUN RUN... side by side
     launcher dataset tiny PATH    make the demo dataset for the tiny CPU model
     launcher data prepare JOB     tokenize the job's data: section into a MindRecord

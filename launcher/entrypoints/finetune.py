@@ -6,14 +6,18 @@ but not the launcher. Usage: python finetune.py run.yaml  (under msrun, or with 
 Environment it reads:
   RANK_ID          global rank (set by msrun or by the rank-table script)
   MS_ROLE          MS_SCHED for MindSpore's dynamic-cluster scheduler, which only coordinates
-  LAUNCHER_FAULT   "RANK:STEP[:MODE]" makes that rank fail at that step: a drill for teardown paths and
-                   failure diagnosis. MODE raise (the default) raises RuntimeError; kill sends the rank
-                   SIGKILL, as the kernel's OOM killer does: nothing is written on the way out, and its
-                   parent sees signal 9 (exit 137 in a shell or a pod, "Error code: -9" from msrun)
+  LAUNCHER_FAULT   "RANK:STEP[:MODE[:ATTEMPT]]" makes that rank fail at that step (the global step the
+                   logs show, which a resumed attempt continues), in every attempt or only in ATTEMPT: a
+                   drill for teardown paths, failure diagnosis and restarts. MODE raise (the default)
+                   raises RuntimeError; kill sends the rank SIGKILL, as the kernel's OOM killer does:
+                   nothing is written on the way out, and its parent sees signal 9 (exit 137 in a shell
+                   or a pod, "Error code: -9" from msrun); sleep stops making progress, as a hung
+                   collective does, for the stall watchdog
   LAUNCHER_MODEL_MODULES  "DIR:mod,mod": a research model's folder and the modules that register its
                    classes (MindFormers only registers them when they are imported)
 """
 
+import faulthandler
 import importlib
 import inspect
 import json
@@ -22,9 +26,13 @@ import platform
 import signal
 import socket
 import sys
+import time
 import traceback
 
 STATUS_DIR = os.path.join("output", "launcher")
+# The launcher's stall watchdog sends this signal before it stops a stalled run: every thread's Python
+# stack goes to stderr (the rank's console log), to show where the rank waits.
+STACKS_SIGNAL = signal.SIGUSR1
 
 
 def _write_status(rank, name, text):
@@ -167,27 +175,43 @@ def _finetune(trainer, checkpoint):
     trainer.finetune(**{key: checkpoint or None})
 
 
+def current_attempt():
+    """The attempt of the run this rank belongs to: its run id ends in -a<k> from the second attempt on
+    (launcher/attempts.py ATTEMPT_SUFFIX)."""
+    run_id = os.environ.get("LAUNCHER_RUN_ID", "")
+    head, sep, tail = run_id.rpartition("-a")
+    return int(tail) if sep and tail.isdigit() else 1
+
+
 def _fault_callbacks(rank):
     spec = os.environ.get("LAUNCHER_FAULT", "")
     if not spec:
         return []
-    fault_rank, fault_step, *rest = spec.split(":")
-    mode = rest[0] if rest else "raise"
-    if mode not in ("raise", "kill") or len(rest) > 1:
-        raise SystemExit("launcher: LAUNCHER_FAULT %r is not RANK:STEP[:raise|kill]" % spec)
-    if int(fault_rank) != int(rank):
+    fields = spec.split(":")
+    mode = fields[2] if len(fields) > 2 else "raise"
+    numbers = fields[:2] + fields[3:]
+    if not 2 <= len(fields) <= 4 or mode not in ("raise", "kill", "sleep") or not all(n.isdigit() for n in numbers):
+        raise SystemExit("launcher: LAUNCHER_FAULT %r is not RANK:STEP[:raise|kill|sleep[:ATTEMPT]]" % spec)
+    if int(fields[0]) != int(rank) or (len(fields) == 4 and int(fields[3]) != current_attempt()):
         return []
-    fault_step = int(fault_step)
+    fault_step = int(fields[1])
     from mindspore.train import Callback
 
     class FailAtStep(Callback):
         def on_train_step_end(self, run_context):
-            step = run_context.original_args().cur_step_num
+            # cur_step_num counts this process's steps; MindFormers' trainer puts the step it resumed
+            # from in initial_step (mindformers r1.8.0 core/callback/callback.py MFLossMonitor adds it too).
+            args = run_context.original_args()
+            step = args.cur_step_num + (args.get("initial_step") or 0)
             if step < fault_step:
                 return
             if mode == "kill":
                 print("LAUNCHER_FAULT: rank %s sends itself SIGKILL at step %d as asked" % (rank, step), flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "sleep":
+                print("LAUNCHER_FAULT: rank %s stops making progress at step %d as asked" % (rank, step), flush=True)
+                while True:
+                    time.sleep(3600)
             raise RuntimeError("LAUNCHER_FAULT: rank %s fails at step %d as asked" % (rank, step))
 
     return [FailAtStep()]
@@ -218,6 +242,7 @@ def main(config_path):
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: finetune.py RUN_CONFIG.yaml")
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     is_scheduler = os.environ.get("MS_ROLE") == "MS_SCHED"
     rank_id = os.environ.get("RANK_ID", "0")
     if not is_scheduler:

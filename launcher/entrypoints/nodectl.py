@@ -75,6 +75,27 @@ def stop_run(run_id, group_leaders=(), grace=10.0):
     return stop_processes(lambda: run_processes(run_id), group_leaders, grace)
 
 
+def dump_stacks(run_id, workdir):
+    """SIGUSR1 to the run's ranks (the pids they wrote in output/launcher/rank_N.pid that still carry the
+    run id, since a pid may be reused): finetune.py's faulthandler writes their stacks to their logs.
+    Only the ranks: SIGUSR1 would end msrun or the shell, which have no handler for it."""
+    alive = set(run_processes(run_id))
+    status = os.path.join(workdir, "output", "launcher")
+    signalled = []
+    for name in sorted(os.listdir(status)) if os.path.isdir(status) else []:
+        if not name.endswith(".pid"):
+            continue
+        try:
+            with open(os.path.join(status, name)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if pid in alive:
+            _signal(pid, signal.SIGUSR1)
+            signalled.append(pid)
+    return signalled
+
+
 def _signal(pid, sig):
     try:
         os.kill(pid, sig)
@@ -177,6 +198,9 @@ def main(argv=None):
     p.add_argument("--grace", type=float, default=10.0)
     p = sub.add_parser("kill-job", help="stop every process of any earlier run of a job")
     p.add_argument("job")
+    p = sub.add_parser("dump-stacks", help="make a run's ranks write their Python stacks to their logs")
+    p.add_argument("run_id")
+    p.add_argument("--workdir", required=True)
     p = sub.add_parser("alive", help="pids of a run's processes")
     p.add_argument("run_id")
     p = sub.add_parser("list-files")
@@ -191,6 +215,8 @@ def main(argv=None):
         result = {"left": stop_run(args.run_id, grace=args.grace)}
     elif args.command == "kill-job":
         result = {"left": stop_processes(lambda: processes_with(JOB_VAR, args.job))}
+    elif args.command == "dump-stacks":
+        result = {"signalled": dump_stacks(args.run_id, args.workdir)}
     elif args.command == "alive":
         result = {"pids": run_processes(args.run_id)}
     else:

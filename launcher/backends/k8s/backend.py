@@ -82,6 +82,12 @@ class K8sBackend(Backend):
         self.target = Target(kubeconfig, context, namespace, str(Path(pvc_dir).resolve()) if pvc_dir else None)
         self.replace, self.pending_timeout = replace, pending_timeout
 
+    def check_restart(self, plan: LaunchPlan) -> None:
+        # A resumed attempt reads its checkpoint from its work directory; on Kubernetes that means the
+        # claim, which the launcher does not write to.
+        raise ConfigError("restart: a Kubernetes run does not restart or resume yet; set restart.max_attempts "
+                          "to 1 and start again with checkpoint.load and checkpoint.resume")
+
     def where(self, plan: LaunchPlan) -> str:
         return "Kubernetes"
 

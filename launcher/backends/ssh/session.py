@@ -25,7 +25,7 @@ from launcher.errors import BackendError, TransportError
 from launcher.liveview import LiveView, rank_exit_codes
 from launcher.plan import STATUS_DIR, LaunchPlan, NodeStep
 from launcher.render import render_template
-from launcher.runs import MIRROR_DIR, PLAN_DIR, RUN_DATA_DIR, RunRecord
+from launcher.runs import MIRROR_DIR, PLAN_DIR, RESUME_DIR, RUN_DATA_DIR, RunRecord
 
 NODECTL = "nodectl.py"
 POLL_SECONDS = 1.0
@@ -140,6 +140,12 @@ class SshRun:
             if (self.run_dir / RUN_DATA_DIR).is_dir():  # a dataset prepared here, read as data/... on the node
                 await node.call(node.sftp.put(str(self.run_dir / RUN_DATA_DIR), posixpath.join(staging, RUN_DATA_DIR),
                                               recurse=True), "put the prepared dataset")
+            resume = self.run_dir / RESUME_DIR  # a later attempt's checkpoint: each node gets its own ranks'
+            for slot in (s for s in self.plan.ranks if s.node == step.index and (resume / f"rank_{s.rank}").is_dir()):
+                await node.call(node.sftp.makedirs(posixpath.join(staging, RESUME_DIR), exist_ok=True), "mkdir resume")
+                await node.call(node.sftp.put(str(resume / f"rank_{slot.rank}"),
+                                              posixpath.join(staging, RESUME_DIR, f"rank_{slot.rank}"), recurse=True),
+                                f"put the checkpoint rank {slot.rank} resumes from")
             await node.call(node.sftp.posix_rename(staging, target), f"rename {target}")
 
         _, errors = await transport.gather_results(stage(s) for s in self.nodes)
