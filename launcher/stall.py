@@ -32,15 +32,22 @@ STACKS_WAIT_S = 3.0
 
 @dataclass(frozen=True)
 class Stall:
-    rank: int
+    ranks: tuple[int, ...]  # the ranks that got no further than after_step; the first passed its budget
     silent_s: float
     budget_s: float
     after_step: int | None
 
+    @property
+    def rank(self) -> int | None:
+        """The one rank to blame, when the others went on; ranks that wait for each other (data parallel
+        all-reduce) stall together, and only their stacks tell which one hung."""
+        return self.ranks[0] if len(self.ranks) == 1 else None
+
     def message(self) -> str:
-        where = f"after step {self.after_step}" if self.after_step else "before its first step"
-        return (f"rank {self.rank} stalled: no new step for {self.silent_s:.0f}s {where} "
-                f"(budget {self.budget_s:.0f}s); every rank's Python stacks are in its console log")
+        where = f"after step {self.after_step}" if self.after_step else "before the first step"
+        who = f"rank {self.ranks[0]}" if len(self.ranks) == 1 else f"ranks {', '.join(map(str, self.ranks))}"
+        return (f"{who} stalled: no new step for {self.silent_s:.0f}s {where} (budget {self.budget_s:.0f}s); "
+                "every rank's Python stacks are in its console log")
 
 
 def save_steps(plan: LaunchPlan) -> int | None:
@@ -99,6 +106,11 @@ class StallWatch:
                 continue
             budget = self.budget(rank_progress)
             if now - since > budget:
-                last = rank_progress.last
-                return Stall(rank, now - since, budget, last.step if last else None)
+                step = _steps_done(rank_progress)
+                behind = tuple(r for r, p in sorted(progress.items()) if r not in done and _steps_done(p) <= step)
+                return Stall(behind, now - since, budget, step or None)
         return None
+
+
+def _steps_done(progress: RankProgress) -> int:
+    return progress.last.step if progress.last else 0

@@ -561,12 +561,14 @@ def test_new_processes_reach_a_run_whose_launcher_died(backend, tiny_dataset):
 
 
 @pytest.mark.parametrize("backend", ["ssh", "k8s"], indirect=True)  # local: test_e2e_resume.py
-def test_a_failed_run_restarts_from_its_last_whole_checkpoint(backend, tiny_dataset):
-    """Rank 1 is killed at step 10 of the first attempt; the second resumes from step 8 on the same nodes.
+def test_a_stalled_run_restarts_from_its_last_whole_checkpoint(backend, tiny_dataset):
+    """Rank 1 stops making progress at step 10 of the first attempt: the stall watchdog has every rank
+    write its stacks and stops the run, and the second attempt resumes from step 8 on the same nodes.
     Kubernetes refuses a restart policy before anything is created."""
-    job = backend.job(tiny_dataset, env={"LAUNCHER_FAULT": "1:10:kill:1"})
+    job = backend.job(tiny_dataset, env={"LAUNCHER_FAULT": "1:10:sleep:1"})
     data = yaml.safe_load(job.read_text())
-    data.update(checkpoint={"save_steps": 4}, restart={"max_attempts": 2, "backoff_s": 0})
+    data.update(checkpoint={"save_steps": 4}, restart={"max_attempts": 2, "backoff_s": 0},
+                monitor={"stall_after_s": 10})
     job.write_text(yaml.safe_dump(data))
     result = backend.up(job)
     if backend.name == "k8s":
@@ -577,7 +579,12 @@ def test_a_failed_run_restarts_from_its_last_whole_checkpoint(backend, tiny_data
     run_dir = only_run(backend.tmp_path)
     run = record(run_dir)
     assert run["attempts"] == 2 and run["state"] == "succeeded"
+    first = run["attempt_records"][0]
+    # Data-parallel ranks wait for each other, so both stop at step 10 and the watchdog blames neither.
+    assert first["failure"]["kind"] == "stalled" and "ranks 0, 1 stalled" in first["failure"]["summary"], first
     assert run["attempt_records"][1]["resumed_from"]["step"] == 8
+    stacks = (run_dir / "ranks" / "rank_1" / "console.log").read_text()  # faulthandler's, from the node
+    assert "most recent call first" in stacks and "in on_train_step_end" in stacks, stacks[-2000:]
     attempt = run_dir / "attempts" / "2"
     from launcher.resume import checkpoint_step
 

@@ -48,8 +48,9 @@ def test_before_the_first_step_the_budget_is_first_step_within_s():
     assert w.check(ranks, set()) is None
     clock.t += 1
     stall = w.check(ranks, set())
-    assert stall == Stall(rank=0, silent_s=301, budget_s=300, after_step=None)
-    assert "rank 0 stalled" in stall.message() and "before its first step" in stall.message()
+    assert stall == Stall(ranks=(0, 1), silent_s=301, budget_s=300, after_step=None)
+    assert stall.rank is None  # both wait: neither is to blame
+    assert "ranks 0, 1 stalled" in stall.message() and "before the first step" in stall.message()
 
 
 def test_explicit_stall_after_s_is_the_budget_whatever_the_step_times_and_saves():
@@ -124,7 +125,28 @@ def test_a_new_step_resets_the_timer():
     clock.t += 120
     assert w.check(ranks, set()) is None  # 120 s since step 7 was seen
     clock.t += 1
-    assert w.check(ranks, set()) == Stall(0, 121, 120, 7)
+    assert w.check(ranks, set()) == Stall((0,), 121, 120, 7)
+
+
+def test_a_rank_left_behind_is_blamed_and_ranks_stuck_together_are_not():
+    """The stall names every rank that got no further than the silent one; only a lone one is the rank."""
+    w, clock = watch(stall_after_s=10)
+    behind, ahead = progress(1000, 1000, 1000), progress(1000, 1000, 1000, 1000, 1000)
+    ranks = {0: ahead, 1: behind}
+    w.check(ranks, set())
+    clock.t += 11
+    stall = w.check(ranks, set())
+    assert (stall.ranks, stall.rank, stall.after_step) == ((0, 1), None, 5)  # rank 0 went silent too
+    w2, clock2 = watch(stall_after_s=10)
+    ranks = {0: ahead, 1: behind}
+    w2.check(ranks, set())
+    clock2.t += 6
+    ahead.records.append(StepRecord(6, 16, 5.0, 1000))
+    w2.check(ranks, set())
+    clock2.t += 5
+    stall = w2.check(ranks, set())
+    assert (stall.ranks, stall.rank, stall.after_step) == ((1,), 1, 3)
+    assert "rank 1 stalled" in stall.message() and "after step 3" in stall.message()
 
 
 def tiny_plan(**sections):

@@ -110,11 +110,13 @@ async def _execute(run: SshRun) -> tuple[list[str], str]:
         finally:
             problems = await run.teardown()
         record.finished = time.time()
-        record.state = outcome if outcome != "lost" else "failed"
+        record.state = outcome if outcome not in ("lost", "stalled") else "failed"
         record.exit_code = {"succeeded": 0, "interrupted": 130}.get(outcome, 1)
         failed = sorted(r for r, c in run.rank_codes(run.run_dir / MIRROR_DIR).items() if c != 0)
         lost = [s for s in run.nodes if s.lost]
-        if outcome == "lost":
+        if outcome == "stalled":
+            record.failed_rank, record.message = run.stalled.rank, run.stalled.message()
+        elif outcome == "lost":
             record.message = "; ".join(f"node {s.step.index} ({s.step.host}) lost: no answer for "
                                        f"{plan.ssh.node_lost_after:.0f}s" for s in lost)
         elif outcome == "failed":

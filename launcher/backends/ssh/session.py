@@ -26,6 +26,7 @@ from launcher.liveview import LiveView, rank_exit_codes
 from launcher.plan import STATUS_DIR, LaunchPlan, NodeStep
 from launcher.render import render_template
 from launcher.runs import MIRROR_DIR, PLAN_DIR, RESUME_DIR, RUN_DATA_DIR, RunRecord
+from launcher.stall import STACKS_WAIT_S, StallWatch
 
 NODECTL = "nodectl.py"
 POLL_SECONDS = 1.0
@@ -61,6 +62,7 @@ class SshRun:
         self.accept_new, self.kill_stale = accept_new, kill_stale
         self.nodes = [NodeState(step) for step in plan.nodes]
         self.stop_requested = asyncio.Event()
+        self.stalled = None  # the stall watchdog's finding, when it ended the watch
 
     # --- connections -------------------------------------------------------------------------
 
@@ -190,7 +192,8 @@ class SshRun:
     async def watch(self) -> str:
         """Until every node ends, one fails, a node is lost, or the user stops. Returns the outcome."""
         mirror = self.run_dir / MIRROR_DIR
-        with LiveView(self.plan, mirror, self.console, title=self.record.run_id) as view:
+        watch = StallWatch.for_plan(self.plan)
+        with LiveView(self.plan, mirror, self.console, title=self.record.run_id, watch=watch) as view:
             while not self.stop_requested.is_set():
                 results = await asyncio.gather(*(self.poll(s, mirror) for s in self.nodes if not s.lost),
                                                return_exceptions=True)
@@ -203,6 +206,10 @@ class SshRun:
                     else:
                         state.last_ok = now
                 view.update()
+                if view.stalled is not None:
+                    self.stalled = view.stalled
+                    await self.dump_stacks()
+                    return "stalled"
                 codes = self.rank_codes(mirror)
                 if any(c != 0 for c in codes.values()) or any(s.exit_code not in (None, 0) for s in self.nodes):
                     return "failed"
@@ -213,6 +220,16 @@ class SshRun:
                 except asyncio.TimeoutError:
                     pass
         return "interrupted"
+
+    async def dump_stacks(self) -> None:
+        """Every rank writes its Python stacks to its log (the stall watchdog's last look at a run)."""
+
+        async def one(state: NodeState) -> None:
+            await self.nodectl(state, "dump-stacks", self.record.run_id, "--workdir",
+                               remote_run_dir(state.step, self.record.run_id), timeout=30)
+
+        await transport.gather_results(one(s) for s in self.nodes if not s.lost and s.node)
+        await asyncio.sleep(STACKS_WAIT_S)
 
     def rank_codes(self, mirror: Path) -> dict[int, int]:
         return rank_exit_codes(self.plan, mirror)
