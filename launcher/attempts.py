@@ -58,7 +58,8 @@ def rank_records(run_dir: Path, rank: int) -> list[logparse.StepRecord]:
 
 
 def resumed_plan(plan: LaunchPlan, point: ResumePoint | None) -> LaunchPlan:
-    """The plan of the next attempt: the same job, resuming from point (from the start when None)."""
+    """The plan of the next attempt: the run's first plan (its job as started), resuming from point, or from
+    the start when None."""
     job = plan.job()
     if job is None:
         from launcher.errors import ConfigError
