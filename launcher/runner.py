@@ -237,6 +237,12 @@ def open_run(run: str, runs_dir: Path) -> tuple[Run, Backend]:
     return attempts.latest(run_dir, record), base.get(record.backend)
 
 
+def run_record(run: Run) -> RunRecord:
+    """The record of the whole run an attempt belongs to (the attempt's own, for a first attempt)."""
+    top = attempts.top_of(run.dir)
+    return run.record if top == run.dir else RunRecord.load(top)
+
+
 def status(run: Run, backend: Backend) -> Status:
     return backend.status(run)
 

@@ -106,7 +106,9 @@ def test_a_killed_rank_restarts_from_step_8_and_ends_where_an_uninterrupted_run_
     listing = run_launcher("runs", "-o", "json", cwd=tmp_path)
     assert [row["attempts"] for row in json.loads(listing.stdout)] == [2], listing.stderr
     status = run_launcher("status", run_dir.name, cwd=tmp_path)
-    assert status.returncode == 0 and f"{run_dir.name}-a2" in status.stdout + status.stderr, status.stdout
+    assert status.returncode == 0 and f"run {run_dir.name}-a2: succeeded" in status.stdout, status.stdout
+    assert "attempt 1: failed (out_of_memory), from the start" in status.stdout
+    assert "attempt 2: succeeded, resumed from step 8" in status.stdout and "16/16" in status.stdout
 
 
 def test_resume_by_hand_passes_over_a_cut_checkpoint(tmp_path, tiny_dataset, uninterrupted):

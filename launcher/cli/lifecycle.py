@@ -193,6 +193,8 @@ def status(run: str, runs_dir: str) -> None:
     found, backend = runner.open_run(run, Path(runs_dir))
     record = found.record
     out.print(f"run {record.run_id}: {record.state}")
+    for line in _attempt_lines(runner.run_record(found)):
+        out.print(line, markup=False)
     if record.failed_rank is not None:
         out.print(f"failed rank: {record.failed_rank}")
     if record.failure:
