@@ -46,6 +46,17 @@ def latest(run_dir: Path, record: RunRecord) -> Run:
     return Run(directory, RunRecord.load(directory), LaunchPlan.read(directory / PLAN_DIR))
 
 
+def earlier(directory: Path) -> list[Run]:
+    """The attempts of the run before the one in directory, as Runs."""
+    top = top_of(directory)
+    runs = []
+    for earlier_dir in attempt_dirs(top):
+        if earlier_dir == directory:
+            break
+        runs.append(Run(earlier_dir, RunRecord.load(earlier_dir), LaunchPlan.read(earlier_dir / PLAN_DIR)))
+    return runs
+
+
 def rank_records(run_dir: Path, rank: int) -> list[logparse.StepRecord]:
     """One rank's steps across attempts: a later attempt's steps replace those from its first step on."""
     records: list[logparse.StepRecord] = []

@@ -277,4 +277,8 @@ def gather_again(run: Run, backend: Backend) -> tuple[dict, list[Problem], int]:
 def down(run: Run, backend: Backend, purge: bool) -> str:
     if purge and not backend.can_purge:
         raise ConfigError("--purge removes node directories of ssh runs; a local run's files are all in its run directory")
-    return backend.down(run, purge)
+    said = backend.down(run, purge)
+    if purge:  # an earlier attempt of a restarted run left its node directories too
+        for earlier in attempts.earlier(run.dir):
+            backend.down(earlier, purge)
+    return said

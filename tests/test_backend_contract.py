@@ -599,3 +599,8 @@ def test_a_stalled_run_restarts_from_its_last_whole_checkpoint(backend, tiny_dat
     assert manifest_problems(run_dir) == []
     assert_nothing_left(backend, run_dir.name)
     assert_nothing_left(backend, f"{run_dir.name}-a2")
+    # --purge removes the node directories of every attempt.
+    purge = backend.cli("down", run_dir.name, "--purge")
+    assert purge.returncode == 0 and f"run {run_dir.name}-a2: no process left, node directories removed" in purge.stdout
+    for run_id in (run_dir.name, f"{run_dir.name}-a2"):
+        assert not any(backend.node_dir(i, run_id).exists() for i in range(2)), run_id
