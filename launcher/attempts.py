@@ -38,23 +38,23 @@ def top_of(directory: Path) -> Path:
     return directory.parent.parent if directory.parent.name == ATTEMPTS_DIR else directory
 
 
+def open_attempt(directory: Path) -> Run:
+    """An attempt's directory (or a run's) as a Run: its run.json and the plan it ran."""
+    return Run(directory, RunRecord.load(directory), LaunchPlan.read(directory / PLAN_DIR))
+
+
 def latest(run_dir: Path, record: RunRecord) -> Run:
     """The run's newest attempt, as the Run its backend acts on (status, logs, gather, down)."""
     directory = attempt_dir(run_dir, record.attempts)
     if directory == run_dir:
         return Run(run_dir, record, LaunchPlan.read(run_dir / PLAN_DIR))
-    return Run(directory, RunRecord.load(directory), LaunchPlan.read(directory / PLAN_DIR))
+    return open_attempt(directory)
 
 
 def earlier(directory: Path) -> list[Run]:
     """The attempts of the run before the one in directory, as Runs."""
-    top = top_of(directory)
-    runs = []
-    for earlier_dir in attempt_dirs(top):
-        if earlier_dir == directory:
-            break
-        runs.append(Run(earlier_dir, RunRecord.load(earlier_dir), LaunchPlan.read(earlier_dir / PLAN_DIR)))
-    return runs
+    dirs = attempt_dirs(top_of(directory))
+    return [open_attempt(d) for d in dirs[:dirs.index(directory)]]
 
 
 def rank_records(run_dir: Path, rank: int) -> list[logparse.StepRecord]:

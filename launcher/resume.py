@@ -64,11 +64,9 @@ def find_resume_point(run_dir: Path, world_size: int) -> ResumePoint | None:
         return None
     by_step: dict[int, dict[int, tuple[int, Path]]] = {}  # step -> rank -> (epoch, file)
     passed_over = []
-    for rel, meta in sorted(listed.items(), key=lambda item: _attempt_order(item[0])):
-        match = _GATHERED_CKPT.match(rel)
-        if not match:
-            continue
-        path, rank = run_dir / rel, int(match[2])
+    gathered = sorted((int(m[1] or 1), rel, int(m[2])) for rel in listed if (m := _GATHERED_CKPT.match(rel)))
+    for _, rel, rank in gathered:  # attempt by attempt
+        path, meta = run_dir / rel, listed[rel]
         problem = _problem(path, meta)
         if problem is None:
             try:
@@ -88,11 +86,6 @@ def find_resume_point(run_dir: Path, world_size: int) -> ResumePoint | None:
         epoch = max(epoch for epoch, _ in ranks.values())
         return ResumePoint(step, epoch, {r: ranks[r][1] for r in range(world_size)}, passed_over)
     return None
-
-
-def _attempt_order(rel: str) -> int:
-    match = _GATHERED_CKPT.match(rel)
-    return int(match[1] or 1) if match else 0
 
 
 def _problem(path: Path, meta: dict) -> str | None:

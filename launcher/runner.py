@@ -135,16 +135,13 @@ def up(job: str, runs_dir: Path, options: dict, events: Events, overrides: Seque
 def resume_run(run_name: str, runs_dir: Path, options: dict, events: Events) -> Finished:
     """Start the next attempt of a run that ended failed or interrupted, from its newest step that every
     rank has a verified checkpoint of; the job's restart policy then goes on as in `up`."""
-    top_dir = find_run(run_name, runs_dir).resolve()  # the node script runs in it
-    record = RunRecord.load(top_dir)
+    top = attempts.open_attempt(find_run(run_name, runs_dir).resolve())  # the node script runs in it
+    record = top.record
     if record.state not in ("failed", "interrupted"):
         raise ConfigError(f"run {record.run_id} is {record.state}; only a failed or interrupted run resumes")
-    top = Run(top_dir, record, LaunchPlan.read(top_dir / PLAN_DIR))
     backend = base.get(record.backend, **options)
     backend.check_restart(top.plan)
-    current = attempts.latest(top_dir, record)
-    if len(record.attempt_records) < record.attempts:
-        attempts.end(top, current, record.attempts, None)
+    current = attempts.latest(top.dir, record)
     notifier = notify.Notifier(notify.webhook_of(top.plan))
     outcome, summary = _restarts(top, current, backend, events, notifier, Outcome(), None, by_hand=True)
     notifier.ended(top.record, top.dir)
@@ -158,8 +155,8 @@ def _restarts(top: Run, current: Run, backend: Backend, events: Events, notifier
     policy = job.restart if job is not None else None
     while by_hand or _restartable(current.record, policy, top.record.attempts):
         attempt = top.record.attempts + 1
-        if not top.record.attempt_records:
-            attempts.end(top, current, 1, None)
+        if len(top.record.attempt_records) < top.record.attempts:  # the first attempt, never listed yet
+            attempts.end(top, current, top.record.attempts, None)
         backend.check_restart(top.plan)
         point = resume.find_resume_point(top.dir, top.plan.world_size)
         wait = 0.0 if by_hand else policy.backoff_s * 2 ** (attempt - 2)
@@ -264,10 +261,9 @@ def gather_again(run: Run, backend: Backend) -> tuple[dict, list[Problem], int]:
     problems = backend.gather(run)
     _diagnose(run)
     summary = gather.finish(run.plan, run.dir, run.record)
-    top_dir = attempts.top_of(run.dir)
-    if top_dir != run.dir:  # a later attempt: the run's own files go across attempts
-        top = RunRecord.load(top_dir)
-        summary = gather.finish(LaunchPlan.read(top_dir / PLAN_DIR), top_dir, top)
+    if attempts.top_of(run.dir) != run.dir:  # a later attempt: the run's own files go across attempts
+        top = attempts.open_attempt(attempts.top_of(run.dir))
+        summary = gather.finish(top.plan, top.dir, top.record)
     fatal = [p.text for p in problems if p.fatal]
     if fatal:
         raise LauncherError("; ".join(fatal))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from launcher.job_sections import Monitor
 from launcher.logparse import RankProgress
 from launcher.plan import CONFIG_PATH, LaunchPlan
 
@@ -73,12 +74,7 @@ class StallWatch:
     @classmethod
     def for_plan(cls, plan: LaunchPlan) -> StallWatch:
         job = plan.job()
-        if job is None:  # a plan rendered before the job was kept in it: the defaults
-            from launcher.job_sections import Monitor
-
-            monitor = Monitor()
-        else:
-            monitor = job.monitor
+        monitor = job.monitor if job is not None else Monitor()  # a plan from before the job was kept: defaults
         return cls(monitor.stall_after_s, monitor.first_step_within_s, save_steps(plan))
 
     def budget(self, progress: RankProgress) -> float:

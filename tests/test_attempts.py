@@ -225,3 +225,11 @@ def test_a_malformed_rank_or_step_stops_the_rank_with_the_usage_line(finetune, m
     monkeypatch.setenv("LAUNCHER_FAULT", spec)
     with pytest.raises(SystemExit):
         finetune._fault_callbacks(0)
+
+
+def test_restart_kinds_are_the_kinds_a_failure_is_diagnosed_as():
+    """restart.on accepts exactly the kinds launcher/diagnose.py can give a failure (its patterns, and unknown)."""
+    from launcher import diagnose
+    from launcher.job_sections import RESTART_KINDS
+
+    assert sorted(RESTART_KINDS) == sorted({p.kind for p in diagnose.PATTERNS} | {"unknown"})

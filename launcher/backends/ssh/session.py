@@ -142,12 +142,14 @@ class SshRun:
             if (self.run_dir / RUN_DATA_DIR).is_dir():  # a dataset prepared here, read as data/... on the node
                 await node.call(node.sftp.put(str(self.run_dir / RUN_DATA_DIR), posixpath.join(staging, RUN_DATA_DIR),
                                               recurse=True), "put the prepared dataset")
-            resume = self.run_dir / RESUME_DIR  # a later attempt's checkpoint: each node gets its own ranks'
-            for slot in (s for s in self.plan.ranks if s.node == step.index and (resume / f"rank_{s.rank}").is_dir()):
+            # A later attempt's checkpoint: each node gets only its own ranks' folders.
+            resumes = [f"rank_{rank}" for rank in step.ranks if (self.run_dir / RESUME_DIR / f"rank_{rank}").is_dir()]
+            if resumes:
                 await node.call(node.sftp.makedirs(posixpath.join(staging, RESUME_DIR), exist_ok=True), "mkdir resume")
-                await node.call(node.sftp.put(str(resume / f"rank_{slot.rank}"),
-                                              posixpath.join(staging, RESUME_DIR, f"rank_{slot.rank}"), recurse=True),
-                                f"put the checkpoint rank {slot.rank} resumes from")
+            for folder in resumes:
+                await node.call(node.sftp.put(str(self.run_dir / RESUME_DIR / folder),
+                                              posixpath.join(staging, RESUME_DIR, folder), recurse=True),
+                                f"put the checkpoint {folder} resumes from")
             await node.call(node.sftp.posix_rename(staging, target), f"rename {target}")
 
         _, errors = await transport.gather_results(stage(s) for s in self.nodes)
