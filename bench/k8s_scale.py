@@ -1,5 +1,6 @@
 """Kubernetes scale: plan, render and validate a per-rank job of 256 nodes × 8 devices (2048 pods) and of
-32 nodes, and count the API requests `up` makes per pod against the API emulator of the tests.
+32 nodes, and count the API requests `up` makes per pod to create the run, against the tests' real
+control plane (k8s_control_plane.py), read from the apiserver's audit log.
 
 Prints the time of each size and the ratio 256 / 32 (goal: 9 or less, i.e. linear), and requests per
 pod for 32 and 256 nodes (goal: the same constant for both).
@@ -20,7 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-import k8scluster  # noqa: E402  (the API emulator of the end-to-end tests: a stand-in for a control plane)
+import k8s_control_plane  # noqa: E402  (the real control plane of the end-to-end tests)
 
 from launcher.backends.k8s.cluster import KubeRun, Target  # noqa: E402
 from launcher.plan import build_plan  # noqa: E402
@@ -49,38 +50,28 @@ def plan_render_validate(nodes: int):
     return plan, len(objects), time.perf_counter() - start
 
 
-def requests_per_pod(plan, root: Path) -> float:
-    api = k8scluster.ApiServer()
-    counted = []
-    original = api.emulator._handle
-
-    async def counting(request):
-        counted.append(request.method)
-        return await original(request)
-
-    api.emulator._handle = counting
-    try:
-        kubeconfig = root / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "e",
-            "clusters": [{"name": "e", "cluster": {"server": api.url}}], "users": [{"name": "u", "user": {}}],
-            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}]}))
-        record = RunRecord(f"scale-{len(plan.ranks)}", plan.job_name, "k8s", "starting", time.time())
-        run = KubeRun(plan, root, record, Target(kubeconfig=str(kubeconfig)))
-        run.create_all(replace=False)
-        pods = sum(1 for o in run.objects if o["kind"] == "Pod")
-        return len(counted) / pods
-    finally:
-        api.stop()
+def requests_per_pod(plan, root: Path, plane) -> float:
+    """API requests of the launcher's user per pod for creating the run (the audit log counts them)."""
+    kubeconfig = plane.kubeconfig("admin")
+    start = plane.audit_log.stat().st_size
+    record = RunRecord(f"scale-{len(plan.ranks)}", plan.job_name, "k8s", "starting", time.time())
+    run = KubeRun(plan, root, record, Target(kubeconfig=str(kubeconfig), namespace="default"))
+    run.create_all(replace=False)
+    pods = sum(1 for o in run.objects if o["kind"] == "Pod")
+    made = plane.requests(since=start)
+    run.delete_all()
+    return len(made) / pods
 
 
 def main() -> None:
     results = {}
+    plane = k8s_control_plane.shared()
+    plane.start_volcano()  # the example's pods are gang-scheduled: its PodGroup needs Volcano's CRDs
     for nodes in (32, 256):
         plan, count, seconds = plan_render_validate(nodes)
         results[nodes] = seconds
         with tempfile.TemporaryDirectory() as tmp:
-            per_pod = requests_per_pod(plan, Path(tmp))
+            per_pod = requests_per_pod(plan, Path(tmp), plane)
         print(f"{nodes} nodes × 8: {count} objects planned, rendered and validated in {seconds:.2f}s; "
               f"up made {per_pod:.2f} API requests per pod")
     print(f"ratio 256 / 32: {results[256] / results[32]:.2f}  (goal: 9 or less)")

@@ -47,6 +47,7 @@ def values(job: Job, pod_files: dict[str, str], slots) -> dict:
                        "key": e["valueFrom"]["secretKeyRef"]["key"]} for e in km.secret_env_vars(job)],
         "serviceAccount": k8s.service_account or "",
         "outputPvc": k8s.output_pvc or "",
+        "preparedData": job.data is not None,
         "planMount": km.PLAN_MOUNT,
         "workDir": km.WORK_DIR,
         "schedulerLog": km.SCHEDULER_LOG,

@@ -18,6 +18,10 @@ from launcher.spec import Job
 
 PLAN_MOUNT = "/launcher/plan"  # the ConfigMap, with the plan's files at their relative paths
 WORK_DIR = "/launcher/work"  # the pod's working directory; MindFormers writes ./output under it
+CLAIM_RUNS_DIR = "runs"  # on the output claim: runs/<run id>/ is mounted at each pod's output/
+CLAIM_DATA_DIR = "data"  # on the output claim: the prepared datasets
+RUN_LABEL = "launcher/run-id"
+RUN_ID_VAR = "LAUNCHER_RUN_ID"
 RANK_SCRIPT = "k8s/rank.sh"
 ACJOB_WORKER_SCRIPT = "k8s/acjob-worker.sh"
 OWNER_UID = "00000000-0000-0000-0000-000000000000"
@@ -79,7 +83,7 @@ def _labels(job: Job, **extra: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/managed-by": "launcher",
         "app.kubernetes.io/name": job.name,
-        "launcher/run-id": job.name,  # placeholder: the backend sets LAUNCHER_RUN_ID here
+        RUN_LABEL: job.name,  # placeholder: the backend sets the run id here
         **extra,
     }
 
@@ -174,7 +178,16 @@ def _container(job: Job, name: str, command: list[str], env: list[dict], npus: i
         ],
     }
     if job.cluster.k8s.output_pvc:
-        container["volumeMounts"].append({"name": "output", "mountPath": f"{WORK_DIR}/output"})
+        # Each run writes to its own folder on the claim, runs/<run id> (the pod's launcher/run-id label,
+        # expanded by the kubelet: VolumeMount.subPathExpr, kubernetes/api core/v1 types.go), so a second
+        # run of the job never meets or gathers the first one's files. A prepared dataset is read from
+        # the claim's data/ folder, mounted read-only inside it.
+        container["env"].append(_field_env(RUN_ID_VAR, f"metadata.labels['{RUN_LABEL}']"))
+        container["volumeMounts"].append({"name": "output", "mountPath": f"{WORK_DIR}/output",
+                                          "subPathExpr": f"{CLAIM_RUNS_DIR}/$({RUN_ID_VAR})"})
+        if job.data is not None:
+            container["volumeMounts"].append({"name": "output", "mountPath": f"{WORK_DIR}/output/{CLAIM_DATA_DIR}",
+                                              "subPath": CLAIM_DATA_DIR, "readOnly": True})
     if ascend:
         container["volumeMounts"] += [
             {"name": vol, "mountPath": path, "readOnly": True} for vol, path, _ in _ASCEND_HOST_FILES

@@ -2,7 +2,8 @@
 
 - local: the ranks are processes of this machine;
 - ssh: two real sshd hosts in network and PID namespaces of their own (sshcluster.py);
-- k8s: an API emulator and a pod runner that plays the kubelet, both test doubles (k8scluster.py).
+- k8s: a real control plane (etcd, kube-apiserver, controller manager, scheduler) and a node agent that
+  plays the kubelet, the one test double (k8scluster.py).
 
 The ranks are real MindSpore/MindFormers processes of a tiny 2-rank LoRA job. Whether anything is left
 of a run is judged from outside the launcher, never by its own finder: the process table (/proc: command
@@ -301,7 +302,7 @@ class Ssh(Backend):
 
 
 class K8s(Backend):
-    """k8scluster.py's API emulator and pod runner, with the output claim as a local directory."""
+    """k8scluster.py's real control plane and its node agent, with the output claim as a local directory."""
 
     name = "k8s"
     example = "tiny-lora-k8s.yaml"
@@ -312,7 +313,7 @@ class K8s(Backend):
         self.cluster = k8scluster.Cluster(self.tmp_path / "cluster")
 
     def stop(self):
-        self.cluster.stop()  # deletes nothing, but kills every process it started
+        self.cluster.stop()  # kills every process the node agent started, then empties the namespace
 
     def configure(self, cluster):
         cluster["k8s"].update(output_pvc=self.claim)
@@ -324,7 +325,7 @@ class K8s(Backend):
         return ["--pvc-dir", self.cluster.runner.pvc_dir(self.claim)]
 
     def rank_logs(self):
-        return list(self.cluster.runner.pvc_dir(self.claim).glob("log/rank_*/info.log"))
+        return list(self.cluster.runner.pvc_dir(self.claim).glob("runs/*/log/rank_*/info.log"))
 
     def processes(self, run_id):
         # Pod names start with the run id, and so does every path the runner gives a pod.
@@ -357,7 +358,8 @@ class K8s(Backend):
         """A pod of the run without its label, whose container runs with no environment at all."""
         self.cluster.runner.core.create_namespaced_pod("default", {
             "metadata": {"name": f"{run_id}-stray"},
-            "spec": {"containers": [{"name": "stray", "command": ["env", "-i", "sleep", "300"]}]}})
+            "spec": {"restartPolicy": "Never",
+                     "containers": [{"name": "stray", "image": "busybox", "command": ["env", "-i", "sleep", "300"]}]}})
         wait_until(lambda: not self.cluster.runner.alive())
         assert self.cluster.runner.alive(), "the pod runner did not start the pod"
         return None

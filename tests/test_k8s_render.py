@@ -145,7 +145,8 @@ def test_per_rank_pods_ascend():
         assert host_paths == {"/usr/local/Ascend/driver", "/usr/local/bin/npu-smi", "/etc/ascend_install.info"}
         assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in spec["volumes"]
         assert spec["imagePullSecrets"] == [{"name": "swr-pull"}]
-        assert {"name": "output", "mountPath": "/launcher/work/output"} in worker["volumeMounts"]
+        assert {"name": "output", "mountPath": "/launcher/work/output", "subPathExpr": "runs/$(LAUNCHER_RUN_ID)"} \
+            in worker["volumeMounts"]
         # Only rank 0's pod runs the scheduler, and only it is behind the Service.
         selected = all(pod["metadata"]["labels"].get(k) == v for k, v in service["spec"]["selector"].items())
         assert selected == (rank == 0)

@@ -28,6 +28,7 @@ COMMANDS = {
     "ranktable": "launcher.cli.ranktable:ranktable_cmd",
     "preflight": "launcher.cli.ranktable:preflight_cmd",
     "image": "launcher.cli.image:image",
+    "k8s": "launcher.cli.k8s:k8s_cmd",
 }
 
 
@@ -57,6 +58,7 @@ def main() -> None:
     launcher dataset tiny PATH    make the demo dataset for the tiny CPU model
     launcher data prepare JOB     tokenize the job's data: section into a MindRecord
     launcher model import SRC -o DIR   a GGUF file or Hugging Face directory to a MindFormers model
+    launcher k8s role             the Role a service account needs to run jobs on Kubernetes
     """
 
 

@@ -21,7 +21,11 @@ volumeMounts:
   - {name: work, mountPath: {{ .Values.workDir }}}
   - {name: dshm, mountPath: /dev/shm}
   {{- if .Values.outputPvc }}
-  - {name: output, mountPath: {{ .Values.workDir }}/output}
+  {{- /* each run in its own folder on the claim, runs/<run id> (the pod's run-id label) */}}
+  - {name: output, mountPath: {{ .Values.workDir }}/output, subPathExpr: runs/$(LAUNCHER_RUN_ID)}
+  {{- if .Values.preparedData }}
+  - {name: output, mountPath: {{ .Values.workDir }}/output/data, subPath: data, readOnly: true}
+  {{- end }}
   {{- end }}
   {{- if .Values.ascend }}
   - {name: ascend-driver, mountPath: /usr/local/Ascend/driver, readOnly: true}
@@ -42,6 +46,14 @@ volumeMounts:
 {{- range .Values.secretEnv }}
 - name: {{ .name }}
   valueFrom: {secretKeyRef: {name: {{ .secret }}, key: {{ .key }}}}
+{{- end }}
+{{- end }}
+
+{{/* The run id, for the claim's per-run folder: from the pod's label, which the launcher sets per run. */}}
+{{- define "launcher-job.runIdEnv" -}}
+{{- if .Values.outputPvc }}
+- name: LAUNCHER_RUN_ID
+  valueFrom: {fieldRef: {fieldPath: "metadata.labels['launcher/run-id']"}}
 {{- end }}
 {{- end }}
 

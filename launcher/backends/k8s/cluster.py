@@ -5,8 +5,9 @@ names `<job>-<short run id>` and the label `launcher/run-id=<run id>` (objects.p
 watched with watch streams that the server closes after WATCH_SECONDS (timeoutSeconds); each stream
 starts with the full state of the run's pods, so no resourceVersion is carried between streams.
 The pods' logs (the log subresource) feed the live view and ranks/rank_N/console.log; the files under
-output/ are gathered from the job's output PVC, mounted on this machine (--pvc-dir). Gathering
-through exec + tar (pods without a PVC) is not implemented: their checkpoints cannot be gathered.
+output/ are gathered from the run's folder runs/<run id>/ on the job's output PVC, mounted on this
+machine (--pvc-dir). Gathering through exec + tar (pods without a PVC) is not implemented: their
+checkpoints cannot be gathered.
 Deletion is explicit, object by object, by label: it does not rely on the garbage collector
 following the ownerReferences.
 """
@@ -26,6 +27,7 @@ from launcher import gather, secret_env
 from launcher.backends.base import teardown_shield
 from launcher.backends.k8s.objects import RANK_LABEL, RUN_LABEL, output_claim, run_objects, set_owner
 from launcher.errors import BackendError
+from launcher.k8s_manifests import CLAIM_RUNS_DIR
 from launcher.liveview import LiveView
 from launcher.plan import STATUS_DIR, LaunchPlan
 from launcher.runs import MIRROR_DIR, RunRecord, TARGET_FILE
@@ -125,7 +127,9 @@ class KubeRun:
                 self.call(f"delete {kind} {name}", self.custom.delete_namespaced_custom_object,
                           *_PODGROUP[:2], self.ns, _PODGROUP[2], name)
                 return
-            self.call(f"delete {kind} {name}", self.core_api("delete", kind), name, self.ns, grace_period_seconds=0)
+            # A pod keeps its grace period: deleting it with none would remove it from the API while its
+            # node still runs it (a force deletion). wait_gone waits for the node to end it.
+            self.call(f"delete {kind} {name}", self.core_api("delete", kind), name, self.ns)
         except ApiException as exc:
             if exc.status != 404:  # already gone is what we want
                 raise BackendError(f"delete {kind} {name}: {api_message(exc)}") from None
@@ -162,6 +166,10 @@ class KubeRun:
                 try:
                     result = self.create(obj)
                 except ApiException as exc:
+                    if exc.status == 404 and kind == "PodGroup":
+                        raise BackendError(f"{kind} {self.ns}/{name}: the cluster does not serve "
+                                           f"{_PODGROUP[0]}/{_PODGROUP[1]} {_PODGROUP[2]}; the job's pods are "
+                                           "gang-scheduled by Volcano, which must be installed") from None
                     if exc.status != 409:
                         raise BackendError(f"{kind} {self.ns}/{name}: the API refused it ({exc.status}): "
                                            f"{api_message(exc)}") from None
@@ -180,7 +188,9 @@ class KubeRun:
             for kind, name in reversed(created):
                 self.delete(kind, name)
             if isinstance(exc, BackendError) and created:
-                raise BackendError(f"{exc}\nthe {len(created)} objects created before it were deleted") from None
+                made = "the object created before it was" if len(created) == 1 else \
+                    f"the {len(created)} objects created before it were"
+                raise BackendError(f"{exc}\n{made} deleted") from None
             raise
 
     # --- watching ------------------------------------------------------------------------------
@@ -250,7 +260,9 @@ class KubeRun:
         try:
             resp = self.call(f"log of {name}", self.core.read_namespaced_pod_log, name, self.ns,
                              container=RANK_CONTAINER, _preload_content=False)
-        except ApiException:
+        except ApiException as exc:
+            if exc.status == 403:  # not a pod without a log yet: the launcher may not read logs at all
+                raise BackendError(f"log of pod {name}: {api_message(exc)}") from None
             return None
         return resp.data.decode(errors="replace")
 
@@ -316,9 +328,14 @@ class KubeRun:
             why = (f"mount the claim {claim!r} on this machine and pass --pvc-dir" if claim else
                    "the pods wrote them to an emptyDir, gone with the pods; set cluster.k8s.output_pvc")
             return [f"the ranks' output/ (logs, checkpoints) was not gathered: {why}"] if need_checkpoints else []
-        root = Path(self.target.pvc_dir)
+        claim_root = Path(self.target.pvc_dir)
+        if not claim_root.is_dir():
+            return [f"--pvc-dir {claim_root} is not a directory; the ranks' output/ was not gathered"]
+        root = claim_root / CLAIM_RUNS_DIR / self.record.run_id  # the run's own folder (k8s_manifests._container)
         if not root.is_dir():
-            return [f"--pvc-dir {root} is not a directory; the ranks' output/ was not gathered"]
+            return ([f"the claim has no {CLAIM_RUNS_DIR}/{self.record.run_id}/ at --pvc-dir {claim_root}: the pods "
+                     "wrote no output there; check that --pvc-dir is where the claim is mounted"]
+                    if need_checkpoints else [])
         paths = [f"output/{p.relative_to(root)}" for p in root.rglob("*") if p.is_file()]
         consoles = {s.console_log for s in self.plan.ranks}  # from the API instead
         for item in gather.wanted_from_paths(self.plan, paths):

@@ -20,7 +20,7 @@ from launcher import k8s_manifests, secret_env
 from launcher.errors import ConfigError
 from launcher.plan import LaunchPlan
 
-RUN_LABEL = "launcher/run-id"
+RUN_LABEL = k8s_manifests.RUN_LABEL
 RANK_LABEL = "launcher/rank"
 # What `launcher up` creates, in dependency order: the owner first, the pods last.
 KINDS = ("ConfigMap", "Secret", "Service", "PodGroup", "Pod")
