@@ -107,17 +107,27 @@ class NodeAgent:
                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                                       "message": "node agent is posting ready status",
                                       "lastHeartbeatTime": now(), "lastTransitionTime": now()}]}
+            # An NPU server carries the accelerator-type label Ascend pods select (MindCluster's node labels).
+            labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                      "accelerator-type": "module-910b-8" if npus else None}
             try:
-                self.core.create_node({"metadata": {"name": name, "labels": {
-                    "kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}}, "status": status})
+                self.core.create_node({"metadata": {"name": name, "labels": {k: v for k, v in labels.items() if v}},
+                                       "status": status})
             except ApiException as exc:
                 if exc.status != 409:
                     raise
+                self.core.patch_node(name, {"metadata": {"labels": labels}})
                 # A strategic merge would keep an earlier agent's huawei.com/Ascend910: replace the maps.
                 node = self.core.read_node(name)
                 node.status.capacity, node.status.allocatable = allocatable, allocatable
                 node.status.daemon_endpoints.kubelet_endpoint.port = port
                 self.core.replace_node_status(name, node)
+
+    def add_node(self, name: str, npus: int = 8) -> None:
+        """One more node, registered (or taken over) and schedulable when this returns."""
+        self.nodes = [*self.nodes, name]
+        self._register(npus)
+        self._wait_schedulable()
 
     def _renew_leases(self):
         from kubernetes.client.exceptions import ApiException
@@ -379,6 +389,11 @@ class NodeAgent:
             except ApiException as exc:
                 if exc.status != 409:
                     raise
+            deadline = time.monotonic() + 60  # kube-controller-manager's volume binder binds the two
+            while self.core.read_namespaced_persistent_volume_claim(claim, ns).status.phase != "Bound":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"claim {claim} not bound within 60s")
+                time.sleep(0.2)
         return path
 
     # --- logs over HTTPS ---------------------------------------------------------------------

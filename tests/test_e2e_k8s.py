@@ -263,3 +263,19 @@ def test_a_service_account_with_just_the_printed_role_runs_the_job(tmp_path, clu
             'cannot create resource "services" in API group "" in the namespace "default"') in refused.stderr
     assert "the object created before it was deleted" in refused.stderr  # the ConfigMap
     assert cluster.objects("app.kubernetes.io/name=tiny-lora-k8s") == []
+
+
+def test_an_object_the_api_finds_invalid_is_named_with_its_message_and_nothing_is_left(tmp_path, cluster, tiny_dataset):
+    """A toleration with operator Exists and a value passes the job's checks but not the apiserver's
+    validation (kubernetes/kubernetes pkg/apis/core/validation/validation.go, validateTolerations)."""
+    job = write_job(tmp_path, tiny_dataset, tolerations=[{"key": "huawei.com/Ascend910", "operator": "Exists",
+                                                           "value": "yes", "effect": "NoSchedule"}])
+    result = up(tmp_path, cluster, job, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "-rank-0: the API refused it (422): Pod " in result.stderr, result.stderr
+    assert "is invalid: spec.tolerations[0].operator: Invalid value: \"yes\": value must be empty when " \
+           "`operator` is 'Exists'" in result.stderr, result.stderr
+    assert "the 2 objects created before it were deleted" in result.stderr  # the ConfigMap and the Service
+    assert not list((tmp_path / "runs").iterdir())
+    assert cluster.objects("app.kubernetes.io/name=tiny-lora-k8s") == []
+
