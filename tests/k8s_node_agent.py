@@ -117,11 +117,10 @@ class NodeAgent:
                 if exc.status != 409:
                     raise
                 self.core.patch_node(name, {"metadata": {"labels": labels}})
-                # A strategic merge would keep an earlier agent's huawei.com/Ascend910: replace the maps.
-                node = self.core.read_node(name)
-                node.status.capacity, node.status.allocatable = allocatable, allocatable
-                node.status.daemon_endpoints.kubelet_endpoint.port = port
-                self.core.replace_node_status(name, node)
+                # A strategic merge: None removes an earlier agent's NPUs; Ready replaces the Unknown the
+                # node lifecycle controller set while no agent renewed the Lease (it then lifts its taint).
+                sized = {**allocatable, "huawei.com/Ascend910": allocatable.get("huawei.com/Ascend910")}
+                self.core.patch_node_status(name, {"status": {**status, "capacity": sized, "allocatable": sized}})
 
     def add_node(self, name: str, npus: int = 8) -> None:
         """One more node, registered (or taken over) and schedulable when this returns."""

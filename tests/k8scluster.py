@@ -8,6 +8,7 @@ default namespace, so the next test meets an empty cluster; the nodes stay for t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from kubernetes.client import CustomObjectsApi, RbacAuthorizationV1Api
@@ -73,3 +74,10 @@ class Cluster:
                     raise
         for volume in core.list_persistent_volume().items:
             core.delete_persistent_volume(volume.metadata.name)
+        # Claims and volumes go once the controller manager's protection controllers drop their
+        # finalizers; the next test makes a claim of the same name.
+        deadline = time.monotonic() + 60
+        while core.list_namespaced_persistent_volume_claim("default").items or core.list_persistent_volume().items:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test's claims or volumes were not deleted within 60s")
+            time.sleep(0.2)
