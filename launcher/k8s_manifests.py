@@ -14,12 +14,12 @@ manifests with kubectl creates it.
 from __future__ import annotations
 
 from launcher import k8s_ascend, secret_env
+from launcher.runs import RUN_DATA_DIR  # on the output claim: the prepared datasets
 from launcher.spec import Job
 
 PLAN_MOUNT = "/launcher/plan"  # the ConfigMap, with the plan's files at their relative paths
 WORK_DIR = "/launcher/work"  # the pod's working directory; MindFormers writes ./output under it
 CLAIM_RUNS_DIR = "runs"  # on the output claim: runs/<run id>/ is mounted at each pod's output/
-CLAIM_DATA_DIR = "data"  # on the output claim: the prepared datasets
 RUN_LABEL = "launcher/run-id"
 RUN_ID_VAR = "LAUNCHER_RUN_ID"
 RANK_SCRIPT = "k8s/rank.sh"
@@ -186,8 +186,8 @@ def _container(job: Job, name: str, command: list[str], env: list[dict], npus: i
         container["volumeMounts"].append({"name": "output", "mountPath": f"{WORK_DIR}/output",
                                           "subPathExpr": f"{CLAIM_RUNS_DIR}/$({RUN_ID_VAR})"})
         if job.data is not None:
-            container["volumeMounts"].append({"name": "output", "mountPath": f"{WORK_DIR}/output/{CLAIM_DATA_DIR}",
-                                              "subPath": CLAIM_DATA_DIR, "readOnly": True})
+            container["volumeMounts"].append({"name": "output", "mountPath": f"{WORK_DIR}/output/{RUN_DATA_DIR}",
+                                              "subPath": RUN_DATA_DIR, "readOnly": True})
     if ascend:
         container["volumeMounts"] += [
             {"name": vol, "mountPath": path, "readOnly": True} for vol, path, _ in _ASCEND_HOST_FILES
