@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import k8s_control_plane  # noqa: E402  (the real control plane of the end-to-end tests)
 
-from launcher.backends.k8s.cluster import KubeRun, Target  # noqa: E402
+from launcher.backends.k8s.api import Target  # noqa: E402
+from launcher.backends.k8s.cluster import KubeRun  # noqa: E402
 from launcher.plan import build_plan  # noqa: E402
 from launcher.runs import RunRecord  # noqa: E402
 from launcher.spec import parse_job  # noqa: E402

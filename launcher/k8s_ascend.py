@@ -38,8 +38,8 @@ def uses_volcano(job: Job) -> bool:
     return k8s.kind == "volcano-job" or k8s.scheduler_for(job.cluster.device) == "volcano"
 
 
-def rings_config_name(job: Job) -> str:
-    return f"rings-config-{job.name}"  # the operator looks the ConfigMap up by this name
+def rings_config_name(job_name: str) -> str:
+    return f"rings-config-{job_name}"  # the operator looks the ConfigMap up by the job's name
 
 
 def node_selector(job: Job) -> dict[str, str]:
@@ -95,8 +95,34 @@ def rank_table_env() -> list[dict]:
 
 
 def rank_table_volume(job: Job) -> dict:
-    return {"name": RANKTABLE_VOLUME, "configMap": {"name": rings_config_name(job)}}
+    return {"name": RANKTABLE_VOLUME, "configMap": {"name": rings_config_name(job.name)}}
 
 
 def rank_table_mount() -> dict:
     return {"name": RANKTABLE_VOLUME, "mountPath": RANKTABLE_DIR, "readOnly": True}
+
+
+def acjob_sched_host(job: Job) -> str:
+    """The Service Ascend Operator makes in front of the Scheduler pod: <job>-scheduler-0."""
+    return f"{job.name}-scheduler-0.{job.cluster.k8s.namespace}.svc"
+
+
+def acjob_cpu_env(job: Job, steps, port: int) -> tuple[list[dict], list[dict]]:
+    """The MindSpore variables of a CPU AscendJob's Scheduler and Workers. Ascend Operator injects them only
+    when the Worker asks for NPUs (Ascend/mind-cluster component/ascend-operator/pkg/controllers/v1/pod.go
+    setEnv, env.go setMindSporeEnv), so here the templates carry the values it would give: the Scheduler's
+    own IP, the Service <job>-scheduler-0, Worker <i> as node rank <i> (its replica-index label), the
+    workers per pod and in all."""
+    def _env(name: str, value) -> dict:
+        return {"name": name, "value": str(value)}
+
+    def _field_env(name: str, path: str) -> dict:
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+    world = sum(len(step.ranks) for step in steps)
+    common = [_env("MS_SCHED_PORT", port), _env("MS_WORKER_NUM", world)]
+    sched = [_field_env("MS_SCHED_HOST", "status.podIP"), *common, _env("MS_ROLE", "MS_SCHED"),
+             _env("MS_TOPO_TIMEOUT", job.cluster.cluster_time_out)]
+    worker = [_env("MS_SCHED_HOST", acjob_sched_host(job)), *common, _env("MS_LOCAL_WORKER", len(steps[0].ranks)),
+              _field_env("MS_NODE_RANK", "metadata.labels['replica-index']"), _env("MS_ROLE", "MS_WORKER")]
+    return sched, worker

@@ -21,6 +21,8 @@ PLAN_MOUNT = "/launcher/plan"  # the ConfigMap, with the plan's files at their r
 WORK_DIR = "/launcher/work"  # the pod's working directory; MindFormers writes ./output under it
 CLAIM_RUNS_DIR = "runs"  # on the output claim: runs/<run id>/ is mounted at each pod's output/
 RUN_LABEL = "launcher/run-id"
+RANK_LABEL = "launcher/rank"  # per-rank pods: the rank the pod runs
+NODE_LABEL = "launcher/node"  # per-node pods and AscendJob Workers: the index of the job's node
 RUN_ID_VAR = "LAUNCHER_RUN_ID"
 RANK_SCRIPT = "k8s/rank.sh"
 ACJOB_WORKER_SCRIPT = "k8s/acjob-worker.sh"
@@ -54,7 +56,7 @@ def manifests(job: Job, plan_files: dict[str, str], slots, steps) -> dict[str, d
     objects = {"k8s/00-configmap.yaml": _configmap(job, plan_files)}
     if k8s_ascend.cluster_rank_table(job):
         objects["k8s/00-rings-config.yaml"] = k8s_ascend.rings_configmap(
-            job, _metadata(job, k8s_ascend.rings_config_name(job)))
+            job, _metadata(job, k8s_ascend.rings_config_name(job.name)))
     if dynamic_cluster(job):
         objects["k8s/01-service.yaml"] = _service(job)
     if k8s.kind == "ascend-job":
@@ -322,7 +324,7 @@ def _rank_pods(job: Job, plan_files: dict[str, str], slots) -> dict[str, dict]:
             containers.append(_container(job, "scheduler", ["bash", script, SCHEDULER_LOG], env, npus=0))
         name = f"{job.name}-rank-{slot.rank}"
         spec = _pod_spec(job, plan_files, containers, volcano)
-        pods[name] = _pod(job, name, spec, scheduler, **{"launcher/rank": str(slot.rank)})
+        pods[name] = _pod(job, name, spec, scheduler, **{RANK_LABEL: str(slot.rank)})
     return pods
 
 
@@ -334,11 +336,13 @@ def _node_pods(job: Job, plan_files: dict[str, str], steps) -> dict[str, dict]:
     pods = {}
     for step in steps:
         command = ["bash", f"{PLAN_MOUNT}/{step.script}"]
-        containers = [_container(job, "ascend", command, [], npus=len(step.ranks))]
+        # The script dials the scheduler here: a value renamed with the run, as a script's text is not.
+        env = [_env("MS_SCHED_HOST", service_host(job))] if dynamic_cluster(job) else []
+        containers = [_container(job, "ascend", command, env, npus=len(step.ranks))]
         name = f"{job.name}-node-{step.index}"
         scheduler = dynamic_cluster(job) and step.node_rank == 0
         spec = _pod_spec(job, plan_files, containers, volcano, own_script=step.script)
-        pods[name] = _pod(job, name, spec, scheduler, **{"launcher/node": str(step.index)})
+        pods[name] = _pod(job, name, spec, scheduler, **{NODE_LABEL: str(step.index)})
     return pods
 
 
@@ -385,8 +389,9 @@ def _ascend_job(job: Job, plan_files: dict[str, str], steps) -> dict:
     ring = {k8s_ascend.RING_CONTROLLER_LABEL: k8s.ring_controller}
     port = {"name": "ascendjob-port", "containerPort": ACJOB_PORT}
     npus = len(steps[0].ranks)
-    sched = _container(job, "ascend", ["bash", f"{PLAN_MOUNT}/{RANK_SCRIPT}", SCHEDULER_LOG], [], 0, [port])
-    worker = _container(job, "ascend", ["bash", f"{PLAN_MOUNT}/{ACJOB_WORKER_SCRIPT}"], [], npus, [port])
+    sched_env, worker_env = k8s_ascend.acjob_cpu_env(job, steps, ACJOB_PORT) if job.cluster.device == "cpu" else ([], [])
+    sched = _container(job, "ascend", ["bash", f"{PLAN_MOUNT}/{RANK_SCRIPT}", SCHEDULER_LOG], sched_env, 0, [port])
+    worker = _container(job, "ascend", ["bash", f"{PLAN_MOUNT}/{ACJOB_WORKER_SCRIPT}"], worker_env, npus, [port])
 
     def replica(count: int, container: dict) -> dict:
         spec = _pod_spec(job, plan_files, [container], volcano=False)
@@ -410,3 +415,4 @@ def _ascend_job(job: Job, plan_files: dict[str, str], steps) -> dict:
     spec["successPolicy"] = "AllWorkers"
     spec["replicaSpecs"] = {"Scheduler": replica(1, sched), "Worker": replica(len(steps), worker)}
     return {"apiVersion": "mindxdl.gitee.com/v1", "kind": "AscendJob", "metadata": meta, "spec": spec}
+

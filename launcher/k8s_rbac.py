@@ -21,6 +21,9 @@ RULES = [
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
     # The gang of a Volcano-scheduled job.
     {"apiGroups": ["scheduling.volcano.sh"], "resources": ["podgroups"], "verbs": ["create", "delete", "list"]},
+    # kind: volcano-job and kind: ascend-job, whose controllers make the pods.
+    {"apiGroups": ["batch.volcano.sh"], "resources": ["jobs"], "verbs": ["create", "delete", "list"]},
+    {"apiGroups": ["mindxdl.gitee.com"], "resources": ["ascendjobs"], "verbs": ["create", "delete", "list"]},
 ]
 
 

@@ -283,8 +283,6 @@ def _check_k8s(job: Job) -> None:
                 "an AscendJob runs one Worker pod per node under MindSpore's dynamic cluster; "
                 "set cluster.launch: msrun and cluster.k8s.pods: per-node",
             )
-        if job.cluster.device != "ascend":
-            raise FieldProblem("cluster.k8s.kind", "an AscendJob needs Ascend NPUs; set cluster.device: ascend")
     if k8s.anti_affinity and k8s.pods == "per-rank" and k8s.kind != "ascend-job":
         if any(len(n.devices) > 1 for n in job.cluster.nodes):
             raise FieldProblem(

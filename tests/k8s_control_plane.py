@@ -204,7 +204,11 @@ class ControlPlane:
                 time.sleep(0.3)
         volcano = self.kubeconfig("volcano")
         self._spawn("vc-scheduler", f"--kubeconfig={volcano}", "--leader-elect=false", "--schedule-period=200ms")
-        self._spawn("vc-controller-manager", f"--kubeconfig={volcano}", "--leader-elect=false")
+        # Its default set less the JobFlow and JobTemplate controllers, whose CRDs the chart installs apart
+        # (config/crd/jobflow): without them their informers never sync and no Job is handled
+        # (volcano v1.14.1 cmd/controller-manager/app/options/options.go, defaultControllers).
+        self._spawn("vc-controller-manager", f"--kubeconfig={volcano}", "--leader-elect=false",
+                    "--controllers=*,-sharding-controller,-jobflow-controller,-jobtemplate-controller")
         custom = client.CustomObjectsApi(self.client())
         while True:
             try:

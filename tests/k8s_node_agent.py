@@ -12,8 +12,14 @@ and runs the containers of the pods the real kube-scheduler bound to its nodes a
   (its $(VAR) from the container's environment) made as the kubelet makes it;
 - absolute mount paths in the command, working directory and environment are rewritten to those
   directories (the processes share this machine's filesystem);
-- fieldRef status.podIP / status.hostIP and every `*.svc` name become 127.0.0.1: the one name
-  rewrite, since all pods of all nodes run on this host.
+- each pod has its own address on this host's loopback, 127.1.x.y (the loopback takes all of
+  127.0.0.0/8), as status.podIP and its fieldRef, and an `ip` first on its PATH whose `ip -j addr`
+  shows that address, as in the pod's own network namespace (msrun starts a scheduler on the node
+  whose address is --master_addr: mindspore/parallel/cluster/process_entity/_api.py, _is_local_ip);
+  status.hostIP is 127.0.0.1;
+- an env value that is a Service's `<name>.<namespace>.svc` becomes the address of the pod the
+  Service selects, once there is one (the container waits until then, as a DNS lookup would): the
+  one name rewrite, for there is no cluster DNS.
 It writes pod status through the /status subresource, and on deletion (a deletionTimestamp) sends
 SIGTERM, waits up to the pod's grace period, sends SIGKILL, reports the final status and then deletes
 the pod with a zero grace period, as the kubelet does. Container logs are served over HTTPS at the
@@ -31,6 +37,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -64,6 +71,10 @@ class PodProcesses:
     terminating: bool = False
 
 
+class _NotYet(Exception):
+    """A Service the pod names selects no pod yet."""
+
+
 class NodeAgent:
     """See the module docstring. Polls the API every 0.2 s in a thread."""
 
@@ -76,6 +87,7 @@ class NodeAgent:
         self.coordination = client.CoordinationV1Api(api)
         self.pods: dict[tuple[str, str], PodProcesses] = {}
         self.seen: dict[str, dict] = {}  # every pod as first seen, by name
+        self.addresses: dict[str, str] = {}  # pod uid -> its own loopback address
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._terminating: set[tuple[str, str]] = set()
@@ -240,9 +252,45 @@ class NodeAgent:
             mounts[volume["name"]] = local
         return mounts
 
+    def pod_ip(self, pod: dict) -> str:
+        n = len(self.addresses)
+        return self.addresses.setdefault(pod["metadata"]["uid"], f"127.1.{n // 250}.{n % 250 + 1}")
+
+    def _service_ip(self, host: str) -> str:
+        """The address of the pod behind a Service's DNS name; _NotYet while it selects none."""
+        from kubernetes.client.exceptions import ApiException
+
+        name, ns = host.split(".")[:2]
+        try:
+            selector = self.core.read_namespaced_service(name, ns).spec.selector or {}
+        except ApiException as exc:
+            if exc.status == 404:
+                raise _NotYet(host) from None
+            raise
+        resp = self.core.list_namespaced_pod(ns, label_selector=",".join(f"{k}={v}" for k, v in selector.items()),
+                                             _preload_content=False)
+        pods = [p for p in json.loads(resp.data)["items"] if p["spec"].get("nodeName") in self.nodes]
+        if not pods:
+            raise _NotYet(host)
+        return self.pod_ip(pods[0])
+
+    def _ip_command(self, pod_root: Path, address: str) -> Path:
+        """bin/ip for the pod: `ip -j addr` shows its loopback and its own address; anything else is the real ip."""
+        bin_dir = pod_root / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        shown = json.dumps([{"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]},
+                            {"ifname": "eth0", "addr_info": [{"family": "inet", "local": address, "prefixlen": 32}]}])
+        (bin_dir / "ip").write_text(f"#!/bin/sh\nif [ \"$*\" = \"-j addr\" ]; then echo '{shown}'; exit 0; fi\n"
+                                    f"exec {shutil.which('ip') or '/usr/sbin/ip'} \"$@\"\n")
+        (bin_dir / "ip").chmod(0o755)
+        return bin_dir
+
     def _env(self, ns: str, pod: dict, container: dict, local_path) -> dict[str, str]:
-        env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
-               "HOME": str(self.root / "pods" / ns / pod["metadata"]["name"] / "home")}
+        pod_root = self.root / "pods" / ns / pod["metadata"]["name"]
+        own_bin = self._ip_command(pod_root, self.pod_ip(pod))
+        env = {"PATH": os.pathsep.join([str(own_bin), str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin",
+                                        "/bin"]),
+               "HOME": str(pod_root / "home")}
         Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
         for var in container.get("env", []):
             source = var.get("valueFrom", {})
@@ -255,14 +303,16 @@ class NodeAgent:
                 env[var["name"]] = (self.core.read_namespaced_config_map(ref["name"], ns).data or {})[ref["key"]]
             elif "fieldRef" in source:
                 path = source["fieldRef"]["fieldPath"]
-                if path in ("status.podIP", "status.hostIP"):
+                if path == "status.podIP":
+                    env[var["name"]] = self.pod_ip(pod)
+                elif path == "status.hostIP":
                     env[var["name"]] = "127.0.0.1"
                 elif path.startswith("metadata.labels['"):
                     env[var["name"]] = pod["metadata"].get("labels", {}).get(path[17:-2], "")
                 else:
                     env[var["name"]] = str(pod["metadata"].get(path.removeprefix("metadata."), ""))
             elif var.get("value", "").endswith(".svc"):
-                env[var["name"]] = "127.0.0.1"  # the Service's DNS name leads to a pod on this host
+                env[var["name"]] = self._service_ip(var["value"])
             else:
                 env[var["name"]] = local_path(var.get("value", ""))
         return env
@@ -271,6 +321,11 @@ class NodeAgent:
         ns, name = key
         spec = pod["spec"]
         root = self.root / "pods" / ns / name
+        try:
+            for container in spec["containers"]:
+                self._env(ns, pod, container, str)
+        except _NotYet:
+            return  # a Service it names selects no pod yet: the next tick tries again
         try:
             mounts = self._volumes(ns, spec, root)
         except Exception as exc:  # noqa: BLE001 - where a kubelet would leave the pod ContainerCreating
@@ -336,7 +391,8 @@ class NodeAgent:
             statuses.append({"name": name, "ready": code is None, "restartCount": 0, "image": images[name],
                              "imageID": "", "started": code is None, "state": run})
         phase = "Running" if None in codes.values() else "Succeeded" if not any(codes.values()) else "Failed"
-        self._patch(*key, {"phase": phase, "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+        address = self.pod_ip(pod)
+        self._patch(*key, {"phase": phase, "podIP": address, "podIPs": [{"ip": address}],
                            "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}], "startTime": state.started,
                            "containerStatuses": statuses})
         state.reported = codes

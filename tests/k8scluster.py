@@ -20,7 +20,7 @@ from k8s_node_agent import NodeAgent
 # What a test must not leave to the next one (kind, client method suffix); the ones the API makes itself stay.
 _CLEANED = (("pod", ()), ("config_map", ("kube-root-ca.crt",)), ("secret", ()), ("service", ("kubernetes",)),
             ("persistent_volume_claim", ()), ("resource_quota", ()), ("service_account", ("default",)))
-_VOLCANO = (("batch.volcano.sh", "v1alpha1", "jobs"), ("scheduling.volcano.sh", "v1beta1", "podgroups"))
+_VOLCANO = (("batch.volcano.sh", "v1alpha1", "jobs"), ("scheduling.volcano.sh", "v1beta1", "podgroups"), ("mindxdl.gitee.com", "v1", "ascendjobs"))
 
 
 class Cluster:

@@ -279,3 +279,167 @@ def test_an_object_the_api_finds_invalid_is_named_with_its_message_and_nothing_i
     assert not list((tmp_path / "runs").iterdir())
     assert cluster.objects("app.kubernetes.io/name=tiny-lora-k8s") == []
 
+
+
+def controlled_pods(cluster, run_id: str) -> dict[str, dict]:
+    """The pods the node agent saw for the run, by name."""
+    return {name: pod for name, pod in cluster.runner.seen.items() if name.startswith(run_id)}
+
+
+def custom_objects(cluster, group: str, version: str, plural: str) -> list[str]:
+    from kubernetes.client import CustomObjectsApi
+
+    found = CustomObjectsApi(cluster.plane.client()).list_namespaced_custom_object(group, version, "default", plural)
+    return [o["metadata"]["name"] for o in found["items"]]
+
+
+def volcano_jobs(cluster) -> list[str]:
+    return custom_objects(cluster, "batch.volcano.sh", "v1alpha1", "jobs")
+
+
+def test_a_volcano_job_trains_through_the_volcano_controller(tmp_path, cluster, tiny_dataset):
+    """kind: volcano-job: the launcher creates a batch.volcano.sh Job, and the real vc-controller-manager
+    makes the pods, which the real vc-scheduler places."""
+    since = cluster.plane.audit_log.stat().st_size
+    result = up(tmp_path, cluster, write_job(tmp_path, tiny_dataset, kind="volcano-job"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = only_run(tmp_path)
+    run_id = run_dir.name
+    assert_lora_checkpoints(run_dir, world=2)
+    for rank in (0, 1):
+        assert "loss" in (run_dir / "ranks" / f"rank_{rank}" / "console.log").read_text()  # the pod's log
+    pods = controlled_pods(cluster, run_id)
+    # Volcano names a task's pods <job>-<task>-<index> (volcano v1.14.1 pkg/controllers/job/helpers/
+    # helpers.go MakePodName, "%s-%s-%d"), makes the Job their controller (job_controller_util.go
+    # createJobPod) and gives them its PodGroup (annotation scheduling.k8s.io/group-name).
+    assert sorted(pods) == [f"{run_id}-rank-0-0", f"{run_id}-rank-1-0"]
+    for pod in pods.values():
+        [owner] = pod["metadata"]["ownerReferences"]
+        assert (owner["apiVersion"], owner["kind"], owner["name"], owner["controller"]) == \
+            ("batch.volcano.sh/v1alpha1", "Job", run_id, True)
+        assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"].startswith(run_id)
+        assert pod["spec"]["schedulerName"] == "volcano"
+    # The launcher deletes the Job itself, before the pods, so that its controller makes no new ones
+    # (not left to the garbage collector, which would also delete it as the ConfigMap's dependent).
+    deletes = [resource for verb, resource in cluster.plane.requests(since) if verb == "delete"]
+    assert "jobs" in deletes and deletes.index("jobs") < deletes.index("pods"), deletes
+    assert volcano_jobs(cluster) == []
+    assert_nothing_left(cluster, run_id)
+
+    # A failing rank: Volcano's PodFailed policy (TerminateJob) ends the job, the launcher names the
+    # rank and its pod, gathers and deletes the Job; status and logs reach the run from new processes.
+    time.sleep(1)  # a new run id
+    failed = up(tmp_path, cluster, write_job(tmp_path, tiny_dataset, kind="volcano-job", env={"LAUNCHER_FAULT": "1:3"}))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    [run_id] = [d.name for d in (tmp_path / "runs").iterdir() if d.name != run_dir.name]
+    assert f"rank 1 failed (pod {run_id}-rank-1-0)" in failed.stderr, failed.stderr
+    assert "LAUNCHER_FAULT: rank 1 fails at step 3" in failed.stderr
+    status = run_launcher("status", run_id, cwd=tmp_path, env=launcher_env(cluster))
+    assert status.returncode == 0 and f"pod {run_id}-rank-1-0 (rank 1): not in the cluster" in status.stdout, status
+    logs = run_launcher("logs", run_id, "--rank", "1", cwd=tmp_path, env=launcher_env(cluster))
+    assert "LAUNCHER_FAULT: rank 1 fails at step 3" in logs.stdout, logs.stdout + logs.stderr
+    assert volcano_jobs(cluster) == []
+    assert_nothing_left(cluster, run_id)
+
+
+def per_node_job(tmp_path, dataset, env=None, **k8s):
+    """Two nodes of one rank each, one pod per node running its msrun."""
+    job = write_job(tmp_path, dataset, env=env, pods="per-node", **k8s)
+    data = yaml.safe_load(job.read_text())
+    data["cluster"]["nodes"] = [{"host": "node-0", "devices": [0]}, {"host": "node-1", "devices": [1]}]
+    job.write_text(yaml.safe_dump(data))
+    return job
+
+
+def test_per_node_pods_run_msrun_and_their_workers_consoles_come_from_the_claim(tmp_path, cluster, tiny_dataset):
+    result = up(tmp_path, cluster, per_node_job(tmp_path, tiny_dataset))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = only_run(tmp_path)
+    run_id = run_dir.name
+    assert_lora_checkpoints(run_dir, world=2)
+    assert sorted(controlled_pods(cluster, run_id)) == [f"{run_id}-node-0", f"{run_id}-node-1"]
+    assert {pod["spec"]["nodeName"] for pod in controlled_pods(cluster, run_id).values()} == {"node-1", "node-2"}
+    for rank in (0, 1):
+        # msrun's worker log (output/msrun_log/worker_N.log on the claim), not the pod's log
+        assert "loss" in (run_dir / "ranks" / f"rank_{rank}" / "console.log").read_text()
+    for node in (0, 1):  # the pod's own log is msrun's
+        assert (run_dir / "nodes" / f"node-{node}" / "node.log").is_file()
+    logs = run_launcher("logs", run_id, "--rank", "1", cwd=tmp_path, env=launcher_env(cluster))
+    assert logs.returncode == 0 and "loss" in logs.stdout, logs.stdout + logs.stderr
+    assert_nothing_left(cluster, run_id)
+
+
+def test_an_ascend_job_trains_in_the_pods_its_operator_makes(tmp_path, cluster, tiny_dataset):
+    """kind: ascend-job through the AscendJob stand-in (k8s_ascend_operator.py: the real Ascend Operator
+    cannot be built here). On the CPU the operator injects no MindSpore variables (its pod.go setEnv
+    stops before setMindSporeEnv without NPUs), so the launcher's own template env drives the ranks."""
+    from k8s_ascend_operator import AscendOperator
+
+    operator = AscendOperator(cluster.plane)
+    operator.install_crd()
+    operator.start()
+    try:
+        result = up(tmp_path, cluster, per_node_job(tmp_path, tiny_dataset, kind="ascend-job"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        run_dir = only_run(tmp_path)
+        run_id = run_dir.name
+        assert_lora_checkpoints(run_dir, world=2)
+        pods = controlled_pods(cluster, run_id)
+        # The operator's names, <job>-<replica type>-<index> (kubeflow/common GenGeneralName).
+        assert sorted(pods) == [f"{run_id}-scheduler-0", f"{run_id}-worker-0", f"{run_id}-worker-1"]
+        for pod in pods.values():
+            [owner] = pod["metadata"]["ownerReferences"]
+            assert (owner["kind"], owner["name"], owner["controller"]) == ("AscendJob", run_id, True)
+        for rank in (0, 1):
+            assert "loss" in (run_dir / "ranks" / f"rank_{rank}" / "console.log").read_text()
+        assert (run_dir / "nodes" / "scheduler.log").is_file()
+        assert custom_objects(cluster, "mindxdl.gitee.com", "v1", "ascendjobs") == []
+        assert_nothing_left(cluster, run_id)
+
+        time.sleep(1)  # a new run id
+        failed = up(tmp_path, cluster, per_node_job(tmp_path, tiny_dataset, kind="ascend-job",
+                                                    env={"LAUNCHER_FAULT": "1:3"}))
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        [run_id] = [d.name for d in (tmp_path / "runs").iterdir() if d.name != run_dir.name]
+        assert f"rank 1 failed (pod {run_id}-worker-1)" in failed.stderr, failed.stderr
+        assert "LAUNCHER_FAULT: rank 1 fails at step 3" in failed.stderr
+        assert_nothing_left(cluster, run_id)
+    finally:
+        operator.stop()
+    assert operator.errors == []
+
+
+def test_kubeconfig_context_and_namespace_options_choose_the_cluster(tmp_path, cluster, tiny_dataset):
+    """--kubeconfig (over $KUBECONFIG), --context (over the file's current-context) and --namespace
+    (over cluster.k8s.namespace) each decide where the run goes; status reaches it again from k8s.json."""
+    core = cluster.runner.core
+    core.create_namespace({"metadata": {"name": "team"}})
+    try:
+        config = yaml.safe_load(cluster.kubeconfig.read_text())
+        # The file's own context leads nowhere: only --context reaches the cluster.
+        config["clusters"].append({"name": "nowhere", "cluster": {"server": "https://127.0.0.1:1"}})
+        config["contexts"].append({"name": "broken", "context": {"cluster": "nowhere", "user": config["users"][0]["name"]}})
+        config["current-context"] = "broken"
+        kubeconfig = tmp_path / "kubeconfig.yaml"
+        kubeconfig.write_text(yaml.safe_dump(config))
+        env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing")}
+        job = write_job(tmp_path, tiny_dataset)
+        claim = cluster.runner.pvc_dir(CLAIM, ns="team")
+        refused = run_launcher("up", job, "--kubeconfig", kubeconfig, "--namespace", "team", "--pvc-dir", claim,
+                               cwd=tmp_path, env=env, timeout=120)
+        assert refused.returncode == 1 and "127.0.0.1:1" in refused.stderr, refused.stdout + refused.stderr
+        time.sleep(1)  # a new run id
+        result = run_launcher("up", job, "--kubeconfig", kubeconfig, "--context", "test", "--namespace", "team",
+                              "--pvc-dir", claim, cwd=tmp_path, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        [run_id] = [d.name for d in (tmp_path / "runs").iterdir()
+                    if RunRecord.load(d).state == "succeeded"]
+        pods = controlled_pods(cluster, run_id)
+        assert sorted(pods) == [f"{run_id}-rank-0", f"{run_id}-rank-1"]
+        assert {pod["metadata"]["namespace"] for pod in pods.values()} == {"team"}
+        status = run_launcher("status", run_id, cwd=tmp_path, env=env)
+        assert status.returncode == 0 and f"pod {run_id}-rank-0 (rank 0): not in the cluster" in status.stdout, \
+            status.stdout + status.stderr
+        assert core.list_namespaced_pod("team", label_selector=f"launcher/run-id={run_id}").items == []
+    finally:
+        core.delete_namespace("team")

@@ -10,20 +10,21 @@ from rich.console import Console
 
 from launcher import gather, secret_env
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status, sigterm_as_interrupt
-from launcher.backends.k8s.cluster import MIRROR_DIR, WATCH_SECONDS, KubeRun, Target, execute, phase, reconnect
-from launcher.backends.k8s.objects import short_id
+from launcher.backends.k8s.api import Target, phase
+from launcher.backends.k8s.cluster import WATCH_SECONDS, KubeRun, execute, reconnect
+from launcher.backends.k8s.objects import run_objects, run_pods
 from launcher.errors import ConfigError, LauncherError
 from launcher.liveview import LiveView
 from launcher.plan import LaunchPlan
-from launcher.runs import OUTPUT_DIR, RUN_DATA_DIR, RunRecord
+from launcher.runs import MIRROR_DIR, OUTPUT_DIR, RUN_DATA_DIR, RunRecord
 from launcher.spec import Job
 
 
 def status(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> tuple[list[str], LiveView]:
     run = reconnect(plan, run_dir, record)
     pods = run.pods()
-    lines = [f"pod {name} (rank {rank}): {phase(pods[name]) or 'Pending'}" if name in pods
-             else f"pod {name} (rank {rank}): not in the cluster" for name, rank in run.rank_of.items()]
+    lines = [f"pod {name} ({pod.describe()}): {phase(pods[name]) or 'Pending'}" if name in pods
+             else f"pod {name} ({pod.describe()}): not in the cluster" for name, pod in run.run_pods.items()]
     run.mirror(pods)
     view = LiveView(plan, run_dir / MIRROR_DIR, Console(force_terminal=False), record.run_id)
     view.update()
@@ -32,18 +33,23 @@ def status(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> tuple[list[str
 
 def logs(plan: LaunchPlan, run_dir: Path, record: RunRecord, ranks: list[int], follow: bool, prefix: bool,
          echo) -> list[str]:
-    """Print the ranks' pod logs (the log subresource); with follow, until every pod has ended.
-    A pod that is gone is read from its gathered console.log instead."""
+    """Print the ranks' consoles (a per-rank pod's log subresource, or msrun's worker log on the
+    claim); with follow, until every pod has ended. A console that is gone is read from the gathered
+    console.log instead."""
     run = reconnect(plan, run_dir, record)
-    names = {rank: name for name, rank in run.rank_of.items()}
+    names = {rank: run.pod_of_rank(rank).name for rank in ranks}
     offsets = {rank: 0 for rank in ranks}
     problems: list[str] = []
     while True:
         pods = run.pods() if follow else {}
+        running = follow and RunRecord.load(run_dir).state == "running"  # `up` is still watching it
+        waiting = []
         for rank in ranks:
-            text = run.log(names[rank])
-            if text is None and names[rank] in pods and phase(pods[names[rank]]) in (None, "Pending"):
-                continue  # not started yet: wait for it
+            text, pod = run.console(rank), pods.get(names[rank])
+            if follow and ((pod is not None and phase(pod) in (None, "Pending", "Running")) or (pod is None and running)):
+                waiting.append(rank)  # started or not, or its job's controller has not made the pod yet
+                if text is None:
+                    continue
             if text is None:
                 saved = run_dir / gather.rank_dir(rank) / "console.log"
                 if not saved.is_file():
@@ -54,8 +60,7 @@ def logs(plan: LaunchPlan, run_dir: Path, record: RunRecord, ranks: list[int], f
             for line in complete[offsets[rank]:].splitlines():
                 echo(f"[rank {rank}] {line}" if prefix else line)
             offsets[rank] = max(offsets[rank], len(complete))
-        running = [n for n in (names[r] for r in ranks) if n in pods and phase(pods[n]) in (None, "Pending", "Running")]
-        if not follow or not running or problems:
+        if not follow or not waiting or problems:
             return list(dict.fromkeys(problems))
         time.sleep(WATCH_SECONDS)
 
@@ -110,7 +115,8 @@ class K8sBackend(Backend):
                               "mount it on this machine and pass --pvc-dir (the dataset goes to <pvc-dir>/data/)")
 
     def rank_location(self, run: Run, rank: int) -> str:
-        return f"pod {run.plan.job_name}-{short_id(run.record.run_id, run.plan.job_name)}-rank-{rank}"
+        pods = run_pods(run.plan, run_objects(run.plan, run.record.run_id))
+        return f"pod {next(pod.name for pod in pods if rank in pod.ranks)}"
 
     def execute(self, run: Run, events: Events) -> Outcome:
         secrets = secret_env.resolve(secret_env.plan_sources(run.plan.artifacts))

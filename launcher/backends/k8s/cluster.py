@@ -1,83 +1,45 @@
 """The Kubernetes backend: create the plan's objects with the official client, watch the pods, gather, delete.
 
-Objects are created in dependency order (the ConfigMap that owns the rest first, the pods last), with
-names `<job>-<short run id>` and the label `launcher/run-id=<run id>` (objects.py). Pods are
+Objects are created in dependency order (the ConfigMap that owns the rest first, the pods, or the
+Volcano Job or AscendJob whose controller makes them, last), with names `<job>-<short run id>` and
+the label `launcher/run-id=<run id>` (objects.py), which a job's pod templates carry too. Pods are
 watched with watch streams that the server closes after WATCH_SECONDS (timeoutSeconds); each stream
 starts with the full state of the run's pods, so no resourceVersion is carried between streams.
-The pods' logs (the log subresource) feed the live view and ranks/rank_N/console.log; the files under
-output/ are gathered from the run's folder runs/<run id>/ on the job's output PVC, mounted on this
-machine (--pvc-dir). Gathering through exec + tar (pods without a PVC) is not implemented: their
-checkpoints cannot be gathered.
-Deletion is explicit, object by object, by label: it does not rely on the garbage collector
-following the ownerReferences.
+A per-rank pod's log (the log subresource) is its rank's console: it feeds the live view and
+ranks/rank_N/console.log. A node's pod runs msrun, whose workers write their consoles to output/;
+the live view reads those from the claim. The files under output/ are gathered from the run's folder
+runs/<run id>/ on the job's output PVC, mounted on this machine (--pvc-dir). Gathering through
+exec + tar (pods without a PVC) is not implemented: their checkpoints cannot be gathered.
+Deletion is explicit, object by object, by label, the job first so that its controller makes no new
+pods: it does not rely on the garbage collector following the ownerReferences.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from launcher import gather, secret_env
 from launcher.backends.base import teardown_shield
-from launcher.backends.k8s.objects import RANK_LABEL, RUN_LABEL, output_claim, run_objects, set_owner
+from launcher.backends.k8s.api import RANK_CONTAINER, Target, api_client, api_message, exit_code, finished_at, phase
+from launcher.backends.k8s.objects import CUSTOM, RUN_LABEL, RunPod, output_claim, run_objects, run_pods, set_owner
 from launcher.errors import BackendError
 from launcher.k8s_manifests import CLAIM_RUNS_DIR
 from launcher.liveview import LiveView
 from launcher.plan import STATUS_DIR, LaunchPlan
-from launcher.runs import MIRROR_DIR, RunRecord, TARGET_FILE
+from launcher.runs import MIRROR_DIR, RunRecord
 
 REQUEST_TIMEOUT = 30  # seconds, every API call
 WATCH_SECONDS = 1
 DELETE_WAIT = 120
-RANK_CONTAINER = "ascend"  # the container that runs the rank (k8s_manifests._rank_pods)
-_PODGROUP = ("scheduling.volcano.sh", "v1beta1", "podgroups")
+# Who serves a custom kind, for the 404 of a cluster without it.
+_SERVED_BY = {"PodGroup": "Volcano", "Job": "Volcano", "AscendJob": "MindCluster's Ascend Operator"}
 # The core kinds a run creates, as the client's method names spell them (create_namespaced_config_map, ...).
 _CORE = {"ConfigMap": "config_map", "Secret": "secret", "Service": "service", "Pod": "pod"}
-
-
-@dataclass
-class Target:
-    """How to reach the cluster, like kubectl: kubeconfig (or $KUBECONFIG, or in-cluster), context, namespace."""
-
-    kubeconfig: str | None = None
-    context: str | None = None
-    namespace: str | None = None
-    pvc_dir: str | None = None  # where the job's output PVC is mounted on this machine
-
-    def save(self, run_dir: Path) -> None:
-        (run_dir / TARGET_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, run_dir: Path) -> Target:
-        path = run_dir / TARGET_FILE
-        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
-
-
-def api_client(target: Target):
-    from kubernetes import client, config
-
-    try:
-        return config.new_client_from_config(config_file=target.kubeconfig, context=target.context)
-    except (config.ConfigException, FileNotFoundError) as exc:
-        if target.kubeconfig or target.context or "KUBERNETES_SERVICE_HOST" not in os.environ:
-            raise BackendError(f"no usable kubeconfig ({exc}); set KUBECONFIG or pass --kubeconfig") from None
-    configuration = client.Configuration()
-    config.load_incluster_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
-
-
-def api_message(exc) -> str:
-    """The API server's own message from an ApiException, else the exception."""
-    try:
-        return json.loads(exc.body)["message"]
-    except (TypeError, ValueError, KeyError):
-        return str(getattr(exc, "reason", None) or exc)
 
 
 class KubeRun:
@@ -92,8 +54,8 @@ class KubeRun:
         self.api = api_client(target)
         self.core, self.custom = client.CoreV1Api(self.api), client.CustomObjectsApi(self.api)
         self.selector = f"{RUN_LABEL}={record.run_id}"
-        self.rank_of = {o["metadata"]["name"]: int(o["metadata"]["labels"][RANK_LABEL])
-                        for o in self.objects if o["kind"] == "Pod"}
+        self.run_pods: dict[str, RunPod] = {pod.name: pod for pod in run_pods(plan, self.objects)}
+        self.seen: set[str] = set()  # pods that existed: a job's controller makes them after `up` returns
         self.mirrored: dict[str, int] = {}
         self.failed_rank: int | None = None
 
@@ -115,17 +77,19 @@ class KubeRun:
     def create(self, obj: dict):
         kind, ns = obj["kind"], self.ns
         what = f"create {kind} {obj['metadata']['name']}"
-        if kind == "PodGroup":
-            return self.call(what, self.custom.create_namespaced_custom_object, *_PODGROUP[:2], ns, _PODGROUP[2], obj)
+        if kind in CUSTOM:
+            group, version, plural = CUSTOM[kind]
+            return self.call(what, self.custom.create_namespaced_custom_object, group, version, ns, plural, obj)
         return self.call(what, self.core_api("create", kind), ns, obj)
 
     def delete(self, kind: str, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            if kind == "PodGroup":
+            if kind in CUSTOM:
+                group, version, plural = CUSTOM[kind]
                 self.call(f"delete {kind} {name}", self.custom.delete_namespaced_custom_object,
-                          *_PODGROUP[:2], self.ns, _PODGROUP[2], name)
+                          group, version, self.ns, plural, name)
                 return
             # A pod keeps its grace period: deleting it with none would remove it from the API while its
             # node still runs it (a force deletion). wait_gone waits for the node to end it.
@@ -139,14 +103,15 @@ class KubeRun:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            if kind == "PodGroup":
-                found = self.call("list podgroups", self.custom.list_namespaced_custom_object, *_PODGROUP[:2],
-                                  self.ns, _PODGROUP[2], label_selector=self.selector)
+            if kind in CUSTOM:
+                group, version, plural = CUSTOM[kind]
+                found = self.call(f"list {plural}", self.custom.list_namespaced_custom_object, group, version,
+                                  self.ns, plural, label_selector=self.selector)
                 return [o["metadata"]["name"] for o in found.get("items", [])]
             found = self.call(f"list {kind}", self.core_api("list", kind), self.ns, label_selector=self.selector)
             return [o.metadata.name for o in found.items]
         except ApiException as exc:
-            if exc.status == 404:  # the kind is not served (no Volcano), so there is none
+            if exc.status == 404:  # the kind is not served (no Volcano, no Ascend Operator), so there is none
                 return []
             raise BackendError(f"list {kind}: {api_message(exc)}") from None
 
@@ -166,10 +131,10 @@ class KubeRun:
                 try:
                     result = self.create(obj)
                 except ApiException as exc:
-                    if exc.status == 404 and kind == "PodGroup":
-                        raise BackendError(f"{kind} {self.ns}/{name}: the cluster does not serve "
-                                           f"{_PODGROUP[0]}/{_PODGROUP[1]} {_PODGROUP[2]}; the job's pods are "
-                                           "gang-scheduled by Volcano, which must be installed") from None
+                    if exc.status == 404 and kind in CUSTOM:
+                        group, version, plural = CUSTOM[kind]
+                        raise BackendError(f"{kind} {self.ns}/{name}: the cluster does not serve {group}/{version} "
+                                           f"{plural}; {_SERVED_BY[kind]} must be installed") from None
                     if exc.status != 409:
                         raise BackendError(f"{kind} {self.ns}/{name}: the API refused it ({exc.status}): "
                                            f"{api_message(exc)}") from None
@@ -220,41 +185,65 @@ class KubeRun:
         return pods
 
     def watch(self, view: LiveView, pending_timeout: float) -> tuple[str, str]:
-        """Until every pod succeeds, one fails or is deleted, or pods stay Pending too long."""
+        """Until every rank's pod succeeds, one fails or is deleted, or pods stay Pending (or a job's
+        controller makes none) too long."""
         started = time.monotonic()
+        ranked = [name for name, pod in self.run_pods.items() if pod.ranks]
         while True:
-            pods = self.pods()
+            pods = {name: pod for name, pod in self.pods().items() if name in self.run_pods}
+            self.seen |= set(pods)
             self.mirror(pods)
             view.update()
-            failed = sorted((finished_at(pod), self.rank_of[name]) for name, pod in pods.items()
-                            if phase(pod) == "Failed")
+            # A pod ended by its deletion (kubectl, the garbage collector, an eviction) did not fail by itself.
+            deleting = {name for name, pod in pods.items()
+                        if pod.metadata.deletion_timestamp and phase(pod) != "Succeeded"}
+            failed = sorted((finished_at(pod), name) for name, pod in pods.items()
+                            if phase(pod) == "Failed" and name not in deleting)
             if failed:
-                self.failed_rank = failed[0][1]  # the first to fail; the others may have followed it
-                names = ", ".join(f"{n} (rank {self.rank_of[n]})" for n, p in pods.items() if phase(p) == "Failed")
+                self.failed_rank = self.failing_rank(self.run_pods[failed[0][1]])  # the others may have followed it
+                names = ", ".join(f"{name} ({self.run_pods[name].describe()})" for _, name in failed)
                 return "failed", f"pods failed: {names}"
-            gone = sorted(set(self.rank_of) - set(pods))
+            gone = sorted(name for name in (self.seen - set(pods)) | deleting if name in ranked)
             if gone:
                 return "failed", f"pods deleted while the job ran: {', '.join(gone)}"
-            if all(phase(p) == "Succeeded" for p in pods.values()):
-                return "succeeded", ""
-            waiting = [name for name, pod in pods.items() if phase(pod) in (None, "Pending")]
+            if all(name in pods and phase(pods[name]) == "Succeeded" for name in ranked):
+                return "succeeded", ""  # a scheduler pod may still be ending, or its controller removed it
+            waiting = [name for name in self.run_pods if name not in pods or phase(pods[name]) in (None, "Pending")]
             if waiting and time.monotonic() - started > pending_timeout:
                 return "pending", self.pending_reasons(pods, waiting, pending_timeout)
+
+    def failing_rank(self, pod: RunPod) -> int | None:
+        """The rank a failed pod names: its one rank, or the first of its node's ranks that exited non-zero."""
+        if len(pod.ranks) <= 1:
+            return pod.ranks[0] if pod.ranks else None
+        for rank in pod.ranks:
+            code = self.mirror_dir / STATUS_DIR / f"rank_{rank}.exit"
+            if code.is_file() and code.read_text().strip() not in ("", "0"):
+                return rank
+        return pod.ranks[0]
 
     def pending_reasons(self, pods: dict, waiting: list[str], timeout: float) -> str:
         lines = [f"{len(waiting)} pods still Pending after {timeout:.0f}s:"]
         for name in waiting:
-            events = self.call("list events", self.core.list_namespaced_event, self.ns,
-                               field_selector=f"involvedObject.name={name}").items
-            reasons = [f"{e.reason}: {e.message}" for e in events if e.type == "Warning"]
+            if name not in pods:  # its job's controller has not made it: why is on the job
+                jobs = [o["metadata"]["name"] for o in self.objects if o["kind"] in ("Job", "AscendJob")]
+                reasons = [reason for job in jobs for reason in self.warnings(job)]
+                lines.append(f"  {name}: not created yet; {'; '.join(reasons) or 'no events'}")
+                continue
+            reasons = self.warnings(name)
             for status in (pods[name].status.container_statuses or []) if pods[name].status else []:
                 if status.state and status.state.waiting and status.state.waiting.reason:
                     reasons.append(f"{status.state.waiting.reason}: {status.state.waiting.message or ''}")
             lines.append(f"  {name}: {'; '.join(dict.fromkeys(reasons)) or 'no events'}")
         return "\n".join(lines)
 
+    def warnings(self, name: str) -> list[str]:
+        events = self.call("list events", self.core.list_namespaced_event, self.ns,
+                           field_selector=f"involvedObject.name={name}").items
+        return list(dict.fromkeys(f"{e.reason}: {e.message}" for e in events if e.type == "Warning"))
+
     def log(self, name: str) -> str | None:
-        """The rank container's log, or None if the pod has none (not started, or gone)."""
+        """The pod's log (the rank's container), or None if the pod has none (not started, or gone)."""
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -266,28 +255,56 @@ class KubeRun:
             return None
         return resp.data.decode(errors="replace")
 
+    def pod_of_rank(self, rank: int) -> RunPod:
+        return next(pod for pod in self.run_pods.values() if rank in pod.ranks)
+
+    def console(self, rank: int) -> str | None:
+        """The rank's console so far: its pod's log, or the file msrun's worker writes on the claim."""
+        pod = self.pod_of_rank(rank)
+        if pod.own_console:
+            return self.log(pod.name)
+        path = self.on_claim(self.plan.ranks[rank].console_log)
+        return path.read_text(errors="replace") if path and path.is_file() else None
+
+    def on_claim(self, rel: str) -> Path | None:
+        """Where a file the pods write under output/ is on this machine, if the claim is mounted here."""
+        if not self.target.pvc_dir or output_claim(self.objects) is None:
+            return None
+        return Path(self.target.pvc_dir) / CLAIM_RUNS_DIR / self.record.run_id / rel.removeprefix("output/")
+
+    @property
+    def mirror_dir(self) -> Path:
+        return self.run_dir / MIRROR_DIR
+
     def mirror(self, pods: dict) -> Path:
-        """Copy what is new in each started pod's log, and its exit code, into the mirror directory."""
-        mirror = self.run_dir / MIRROR_DIR
+        """Copy what is new in each started rank's log, and its exit code, into the mirror directory."""
         for name, pod in pods.items():
             if phase(pod) not in ("Running", "Succeeded", "Failed"):
                 continue
-            slot = self.plan.ranks[self.rank_of[name]]
-            # The whole log each time: the log subresource has no byte offset (sinceTime counts seconds).
-            text = self.log(name)
-            if text is not None:
-                data = text.encode()
-                path = mirror / slot.info_log
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with path.open("ab") as f:
-                    f.write(data[self.mirrored.get(name, 0):])
-                self.mirrored[name] = max(len(data), self.mirrored.get(name, 0))
-            code = exit_code(pod)
-            if code is not None:
-                path = mirror / STATUS_DIR / f"rank_{slot.rank}.exit"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(f"{code}\n")
-        return mirror
+            for rank in self.run_pods[name].ranks:
+                slot = self.plan.ranks[rank]
+                own = self.run_pods[name].own_console
+                # The whole log each time: the log subresource has no byte offset (sinceTime counts seconds).
+                text = self.log(name) if own else self.read_claim(slot.info_log)
+                if text is not None:
+                    self.append_new(slot.info_log, text.encode())
+                code = exit_code(pod) if own else self.read_claim(f"{STATUS_DIR}/rank_{rank}.exit")
+                if code is not None:
+                    path = self.mirror_dir / STATUS_DIR / f"rank_{rank}.exit"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(f"{str(code).strip()}\n")
+        return self.mirror_dir
+
+    def read_claim(self, rel: str) -> str | None:
+        path = self.on_claim(rel)
+        return path.read_text(errors="replace") if path and path.is_file() else None
+
+    def append_new(self, rel: str, data: bytes) -> None:
+        path = self.mirror_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as f:
+            f.write(data[self.mirrored.get(rel, 0):])
+        self.mirrored[rel] = max(len(data), self.mirrored.get(rel, 0))
 
     # --- teardown and gather -------------------------------------------------------------------
 
@@ -295,7 +312,9 @@ class KubeRun:
         """Delete every object of the run (pods first, the owner last) and wait until they are gone."""
         # Secrets only where the run has one: listing them may need a permission other runs do not.
         secret = ("Secret",) if secret_env.read_here(secret_env.plan_sources(self.plan.artifacts)) else ()
-        found = {kind: self.names(kind) for kind in ("Pod", "PodGroup", "Service", *secret, "ConfigMap")}
+        # The job first, so that its controller makes no new pods for those deleted here.
+        jobs = [kind for kind in ("AscendJob", "Job") if any(o["kind"] == kind for o in self.objects)]
+        found = {kind: self.names(kind) for kind in (*jobs, "Pod", "PodGroup", "Service", *secret, "ConfigMap")}
         for kind, names in found.items():
             for name in names:
                 self.delete(kind, name)
@@ -311,15 +330,22 @@ class KubeRun:
             time.sleep(0.5)
 
     def gather_logs(self) -> None:
-        """Every started pod's log through the API into ranks/rank_N/console.log."""
-        for name, rank in self.rank_of.items():
+        """Every started pod's log through the API: a rank's into ranks/rank_N/console.log, a node's
+        (msrun's own output) into nodes/node-N/node.log, a scheduler's into nodes/scheduler.log."""
+        for name, pod in self.run_pods.items():
             text = self.log(name)
-            if text is not None:
-                dest = self.run_dir / gather.rank_dir(rank) / "console.log"
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                partial = dest.with_name(".console.log.partial")
-                partial.write_text(text)
-                os.replace(partial, dest)
+            if text is None:
+                continue
+            if pod.own_console:
+                dest = self.run_dir / gather.rank_dir(pod.ranks[0]) / "console.log"
+            elif pod.node is not None:
+                dest = self.run_dir / "nodes" / f"node-{pod.node}" / "node.log"
+            else:
+                dest = self.run_dir / "nodes" / "scheduler.log"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            partial = dest.with_name(f".{dest.name}.partial")
+            partial.write_text(text)
+            os.replace(partial, dest)
 
     def gather_outputs(self, need_checkpoints: bool) -> list[str]:
         """The ranks' files under output/ from the output PVC mounted at --pvc-dir. Returns problems."""
@@ -337,7 +363,8 @@ class KubeRun:
                      "wrote no output there; check that --pvc-dir is where the claim is mounted"]
                     if need_checkpoints else [])
         paths = [f"output/{p.relative_to(root)}" for p in root.rglob("*") if p.is_file()]
-        consoles = {s.console_log for s in self.plan.ranks}  # from the API instead
+        # From the API instead: a per-rank pod's log.
+        consoles = {self.plan.ranks[pod.ranks[0]].console_log for pod in self.run_pods.values() if pod.own_console}
         for item in gather.wanted_from_paths(self.plan, paths):
             if item.source not in consoles:
                 gather.copy_verified(root / item.source.removeprefix("output/"), self.run_dir / item.dest)
@@ -346,25 +373,6 @@ class KubeRun:
         if need_checkpoints and missing:
             return [f"rank {r}: no checkpoint found under {root}/checkpoint/rank_{r}/" for r in missing]
         return []
-
-
-def phase(pod) -> str | None:
-    return pod.status.phase if pod.status else None
-
-
-def finished_at(pod) -> float:
-    for status in (pod.status.container_statuses or []) if pod.status else []:
-        if status.name == RANK_CONTAINER and status.state and status.state.terminated:
-            when = status.state.terminated.finished_at
-            return when.timestamp() if when else float("inf")
-    return float("inf")
-
-
-def exit_code(pod) -> int | None:
-    for status in (pod.status.container_statuses or []) if pod.status else []:
-        if status.name == RANK_CONTAINER and status.state and status.state.terminated:
-            return status.state.terminated.exit_code
-    return None
 
 
 def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console, target: Target, replace: bool,

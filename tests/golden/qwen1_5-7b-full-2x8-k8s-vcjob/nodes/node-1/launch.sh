@@ -28,10 +28,11 @@ set -u
 # shellcheck source=/dev/null
 source "${plan_dir}/"env/job.env
 mkdir -p output/msrun_log output/launcher
+# The pod names the scheduler's Service in MS_SCHED_HOST: each run of the job has its own.
 # MindSpore resolves the scheduler's name once and exits when it does not resolve yet (msrun's
 # _convert_addr_to_ip in mindspore/parallel/cluster/process_entity/_utils.py), and a headless Service
 # has no record until the scheduler's pod has an address: wait for the name first.
-sched_host=qwen1-5-7b-full-vcjob-sched.llm.svc
+sched_host="${MS_SCHED_HOST:?set in the pod}"
 dns_deadline=$((SECONDS + 7200))
 until python3 -c 'import socket, sys; socket.getaddrinfo(sys.argv[1], None)' "${sched_host}" 2>/dev/null; do
   if [ "${SECONDS}" -ge "${dns_deadline}" ]; then
@@ -46,7 +47,7 @@ exec msrun \
   --worker_num=16 \
   --local_worker_num=8 \
   --node_rank=1 \
-  --master_addr=qwen1-5-7b-full-vcjob-sched.llm.svc \
+  --master_addr="${MS_SCHED_HOST:?set in the pod}" \
   --master_port=8118 \
   --log_dir=output/msrun_log \
   --join=True \

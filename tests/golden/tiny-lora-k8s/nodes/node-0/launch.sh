@@ -13,10 +13,11 @@ fi
 # shellcheck source=/dev/null
 source "${plan_dir}/"env/job.env
 mkdir -p output/msrun_log output/launcher
+# The pod names the scheduler's Service in MS_SCHED_HOST: each run of the job has its own.
 # MindSpore resolves the scheduler's name once and exits when it does not resolve yet (msrun's
 # _convert_addr_to_ip in mindspore/parallel/cluster/process_entity/_utils.py), and a headless Service
 # has no record until the scheduler's pod has an address: wait for the name first.
-sched_host=tiny-lora-k8s-sched.default.svc
+sched_host="${MS_SCHED_HOST:?set in the pod}"
 dns_deadline=$((SECONDS + 7200))
 until python3 -c 'import socket, sys; socket.getaddrinfo(sys.argv[1], None)' "${sched_host}" 2>/dev/null; do
   if [ "${SECONDS}" -ge "${dns_deadline}" ]; then
@@ -30,7 +31,7 @@ exec msrun \
   --worker_num=2 \
   --local_worker_num=2 \
   --node_rank=0 \
-  --master_addr=tiny-lora-k8s-sched.default.svc \
+  --master_addr="${MS_SCHED_HOST:?set in the pod}" \
   --master_port=8118 \
   --log_dir=output/msrun_log \
   --join=True \
