@@ -443,3 +443,54 @@ def test_kubeconfig_context_and_namespace_options_choose_the_cluster(tmp_path, c
         assert core.list_namespaced_pod("team", label_selector=f"launcher/run-id={run_id}").items == []
     finally:
         core.delete_namespace("team")
+
+
+def bindings(cluster) -> dict[str, str]:
+    """Pod name -> node of every binding vc-scheduler made since the cluster was made (the audit log)."""
+    import json
+
+    with cluster.plane.audit_log.open("rb") as f:
+        f.seek(cluster._audit_start)
+        events = [json.loads(line) for line in f.read().decode().splitlines()]
+    return {e["objectRef"]["name"]: e["requestObject"]["target"]["name"] for e in events
+            if e.get("stage") == "ResponseComplete" and e["user"]["username"] == "volcano"
+            and (e.get("objectRef") or {}).get("subresource") == "binding" and e["responseStatus"]["code"] < 300}
+
+
+def test_volcano_gang_schedules_all_of_the_job_or_none(tmp_path, tiny_dataset):
+    """Three one-NPU pods on two one-NPU nodes: the real vc-scheduler binds none of them (the kube-scheduler
+    would bind two); once a third node joins, it binds all three. The pods then end at once (this machine
+    has no CANN to source), which the run reports."""
+    cluster = k8scluster.Cluster(tmp_path / "cluster", nodes=2, npus=1, volcano=True)
+    try:
+        job = ascend_job(tmp_path, tiny_dataset)
+        data = yaml.safe_load(job.read_text())
+        data["parallel"]["data_parallel"] = 3
+        data["cluster"]["nodes"] = [{"host": "node-0", "devices": [0, 1, 2]}]
+        job.write_text(yaml.safe_dump(data))
+        proc = subprocess.Popen([LAUNCHER, "up", str(job), "--pvc-dir", str(cluster.runner.pvc_dir(CLAIM)),
+                                 "--pending-timeout", "300"], cwd=tmp_path, env=launcher_env(cluster),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def bound() -> dict[str, str | None]:
+            return {p.metadata.name: p.spec.node_name
+                    for p in cluster.runner.core.list_namespaced_pod("default", label_selector="app.kubernetes.io/name=tiny-lora-k8s").items}
+
+        deadline = time.monotonic() + 60
+        while len(bound()) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        time.sleep(10)  # vc-scheduler runs every 200 ms: time enough to bind the two that fit, were it not a gang
+        assert set(bound().values()) == {None} and bindings(cluster) == {}, (bound(), bindings(cluster))
+        cluster.runner.add_node("node-3", npus=1)
+        deadline = time.monotonic() + 60
+        while None in bound().values() and bound():
+            assert time.monotonic() < deadline, bound()
+            time.sleep(0.2)
+        # Each bind as the apiserver recorded it: vc-scheduler's create of pods/binding, and the node named.
+        assert sorted(bindings(cluster).values()) == ["node-1", "node-2", "node-3"], bindings(cluster)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 1 and "failed (pod tiny-lora-k8s-" in stderr, stderr
+        assert_nothing_left(cluster, only_run(tmp_path).name)
+    finally:
+        cluster.stop()
