@@ -40,16 +40,15 @@ def logs(plan: LaunchPlan, run_dir: Path, record: RunRecord, ranks: list[int], f
     names = {rank: run.pod_of_rank(rank).name for rank in ranks}
     offsets = {rank: 0 for rank in ranks}
     problems: list[str] = []
-    seen: set[str] = set()
     while True:
         pods = run.pods() if follow else {}
-        seen |= set(pods)
+        run.seen |= set(pods)
         running = follow and RunRecord.load(run_dir).state == "running"  # `up` started it and has not ended it
         waiting = []
         for rank in ranks:
             text, pod = run.console(rank), pods.get(names[rank])
             alive = pod is not None and phase(pod) in (None, "Pending", "Running")
-            if follow and (alive or (pod is None and names[rank] not in seen and running)):
+            if follow and (alive or (pod is None and names[rank] not in run.seen and running)):
                 waiting.append(rank)  # started or not, or its job's controller has not made the pod yet
                 if text is None:
                     continue

@@ -55,7 +55,7 @@ class KubeRun:
         self.core, self.custom = client.CoreV1Api(self.api), client.CustomObjectsApi(self.api)
         self.selector = f"{RUN_LABEL}={record.run_id}"
         self.run_pods: dict[str, RunPod] = {pod.name: pod for pod in run_pods(plan, self.objects)}
-        self.seen: set[str] = set()  # pods that existed: a job's controller makes them after `up` returns
+        self.seen: set[str] = set()  # pods seen so far: a job's controller makes its pods after create_all
         self.mirrored: dict[str, int] = {}
         self.failed_rank: int | None = None
 
