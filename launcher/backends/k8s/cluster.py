@@ -55,6 +55,7 @@ class KubeRun:
         self.core, self.custom = client.CoreV1Api(self.api), client.CustomObjectsApi(self.api)
         self.selector = f"{RUN_LABEL}={record.run_id}"
         self.run_pods: dict[str, RunPod] = {pod.name: pod for pod in run_pods(plan, self.objects)}
+        self.claim = output_claim(self.objects)  # the claim the pods mount at output/, if any
         self.seen: set[str] = set()  # pods seen so far: a job's controller makes its pods after create_all
         self.mirrored: dict[str, int] = {}
         self.failed_rank: int | None = None
@@ -268,7 +269,7 @@ class KubeRun:
 
     def on_claim(self, rel: str) -> Path | None:
         """Where a file the pods write under output/ is on this machine, if the claim is mounted here."""
-        if not self.target.pvc_dir or output_claim(self.objects) is None:
+        if not self.target.pvc_dir or self.claim is None:
             return None
         return Path(self.target.pvc_dir) / CLAIM_RUNS_DIR / self.record.run_id / rel.removeprefix("output/")
 
@@ -349,7 +350,7 @@ class KubeRun:
 
     def gather_outputs(self, need_checkpoints: bool) -> list[str]:
         """The ranks' files under output/ from the output PVC mounted at --pvc-dir. Returns problems."""
-        claim = output_claim(self.objects)
+        claim = self.claim
         if claim is None or not self.target.pvc_dir:
             why = (f"mount the claim {claim!r} on this machine and pass --pvc-dir" if claim else
                    "the pods wrote them to an emptyDir, gone with the pods; set cluster.k8s.output_pvc")
