@@ -66,6 +66,33 @@ def only_run(tmp_path) -> Path:
     return runs[0]
 
 
+def up_tiny_job(directory: Path, dataset: Path, **sections) -> Path:
+    """`launcher up` of write_tiny_job(directory, dataset, **sections), which must succeed: its run directory."""
+    result = run_launcher("up", write_tiny_job(directory, dataset, **sections), cwd=directory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return only_run(directory)
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_run(tmp_path_factory, tiny_dataset) -> Path:
+    """A directory holding job.yaml (the standard tiny job) and runs/<id>/, its succeeded run.
+
+    Made once per session, when the first test that needs it starts (so a -k selection without such a test
+    trains nothing). Tests read it through `tiny_run`, their own copy, never here."""
+    directory = tmp_path_factory.mktemp("tiny-run")
+    up_tiny_job(directory, tiny_dataset)
+    return directory
+
+
+@pytest.fixture
+def tiny_run(shared_tiny_run, tmp_path) -> Path:
+    """This test's own copy of the shared tiny run: tmp_path/job.yaml and tmp_path/runs/<id>/, the run
+    directory returned. A local run's directory holds all its files, so the copy is a whole run; and what
+    a test writes into it cannot reach another test."""
+    shutil.copytree(shared_tiny_run, tmp_path, symlinks=True, dirs_exist_ok=True)
+    return only_run(tmp_path)
+
+
 def assert_lora_checkpoints(run_dir: Path, world: int):
     """Each rank's gathered checkpoint loads with MindSpore and holds finite LoRA A and B weights."""
     import math

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import EXAMPLES, REPO, free_port, only_run, run_launcher
+from conftest import EXAMPLES, REPO, run_launcher
 
 from launcher.ckpt import merge as ckpt
 from launcher.ckpt import lora as ckpt_lora
@@ -286,14 +286,8 @@ def test_merge_lora_refusals(tmp_path):
 # ---- end to end: a real 2-rank LoRA run ----
 
 @pytest.mark.e2e
-def test_ckpt_commands_on_a_real_lora_run(tmp_path, tiny_dataset):
-    job = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
-    job["dataset"]["path"] = str(tiny_dataset)
-    job["cluster"]["master_port"] = free_port()
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    up = run_launcher("up", "job.yaml", cwd=tmp_path)
-    assert up.returncode == 0, up.stdout + up.stderr
-    run_dir = only_run(tmp_path)
+def test_ckpt_commands_on_a_real_lora_run(tmp_path, tiny_run):
+    run_dir = tiny_run  # the tiny example's run, in tmp_path/runs
     rank0 = next((run_dir / "ranks/rank_0/checkpoint").glob("*.ckpt"))
     trained = load(rank0)
     # The base is the run's own frozen weights; test_e2e_pipeline.py starts a run from a saved base instead.

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import EXAMPLES, require_tool, run_launcher, wait_until
-from test_tensorboard import tensorboard_run  # noqa: F401 - the session's one tiny run with TensorBoard
 
 from launcher import gather
 from launcher.plan import LaunchPlan, build_plan
@@ -153,9 +152,9 @@ class Chromium:
 
 
 @pytest.mark.e2e
-def test_a_real_run_s_report_renders_in_chromium(tensorboard_run):  # noqa: F811
+def test_a_real_run_s_report_renders_in_chromium(tiny_run):
     binary = require_tool("chromium")
-    run_dir, _ = tensorboard_run
+    run_dir = tiny_run
     # `launcher gather RUN` writes it again.
     (run_dir / "report.html").unlink()
     result = run_launcher("gather", run_dir, "--runs-dir", run_dir.parent)

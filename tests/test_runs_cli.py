@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import EXAMPLES, free_port, run_launcher
+from conftest import free_port, run_launcher
 
 from launcher import compare, run_index
 from launcher.cli.runs import compare_cmd, runs_cmd
@@ -337,27 +337,27 @@ def test_compare_refuses_one_run_and_the_same_run_twice(tmp_path):
     assert result.exit_code == 2 and "given twice" in result.stderr
 
 
-# Two real tiny LoRA runs of the shipped example, differing in lora.rank (and each on its own port).
+# Two real tiny LoRA runs of the shipped example, differing in lora.rank (and each on its own port): the
+# session's shared run of the example as it is, and one with the other rank.
 LORA_RANKS = (4, 8)
 
 
-@pytest.fixture(scope="module")
-def two_real_runs(tmp_path_factory, tiny_dataset):
-    work = tmp_path_factory.mktemp("compare")
-    runs, ports = work / "runs", []
-    for lora_rank in LORA_RANKS:
-        job = yaml.safe_load((EXAMPLES / "tiny-lora-local.yaml").read_text())
-        job["dataset"]["path"] = str(tiny_dataset)
-        job["lora"]["rank"] = lora_rank
-        job["cluster"]["master_port"] = free_port()
-        ports.append(job["cluster"]["master_port"])
-        path = work / f"job-r{lora_rank}.yaml"
-        path.write_text(yaml.safe_dump(job))
-        result = run_launcher("up", path, "--runs-dir", runs, cwd=work)
-        assert result.returncode == 0, result.stdout + result.stderr
-    dirs = sorted(p for p in runs.iterdir() if p.is_dir())
-    assert len(dirs) == 2
+@pytest.fixture
+def two_real_runs(tmp_path, tiny_run):
+    runs = tmp_path / "runs"
+    job = yaml.safe_load((tmp_path / "job.yaml").read_text())  # the shared run's job
+    assert job["lora"]["rank"] == LORA_RANKS[0]
+    ports = [job["cluster"]["master_port"]]
+    job["lora"]["rank"] = LORA_RANKS[1]
+    job["cluster"]["master_port"] = free_port()
+    ports.append(job["cluster"]["master_port"])
+    path = tmp_path / f"job-r{LORA_RANKS[1]}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    result = run_launcher("up", path, "--runs-dir", runs, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
     # started a second apart or more, the ids sort as the runs were made
+    dirs = sorted(p for p in runs.iterdir() if p.is_dir())
+    assert len(dirs) == 2 and dirs[0] == tiny_run
     return runs, dirs, tuple(ports)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLES, free_port, run_launcher
+from conftest import EXAMPLES, up_tiny_job
 
 from launcher import gather
 from launcher.errors import ConfigError
@@ -61,33 +61,13 @@ def test_gather_puts_each_rank_s_events_in_its_own_directory():
     ]
 
 
-_SESSION_RUN = {}
-
-
-def tiny_tensorboard_run(tmp_path_factory, dataset) -> tuple[Path, float]:
-    """One real tiny run with monitor.tensorboard, made once per session for whichever module asks first
-    (the report test imports the fixture, which pytest then sets up once per module): (run directory,
-    seconds `launcher up` took)."""
-    if _SESSION_RUN:
-        return _SESSION_RUN["run"]
-    root = tmp_path_factory.mktemp("tensorboard")
-    data = tiny_job(monitor={"tensorboard": True})
-    data["dataset"]["path"] = str(dataset)
-    data["cluster"]["master_port"] = free_port()
-    job = root / "job.yaml"
-    job.write_text(yaml.safe_dump(data))
+@pytest.fixture
+def tensorboard_run(tmp_path, tiny_dataset) -> tuple[Path, float]:
+    """A real tiny run with monitor.tensorboard, the one test here that needs it: (run directory, seconds
+    `launcher up` took)."""
     started = time.monotonic()
-    result = run_launcher("up", job, "--runs-dir", root / "runs", cwd=root)
-    seconds = time.monotonic() - started
-    assert result.returncode == 0, result.stdout + result.stderr
-    (run_dir,) = [p for p in (root / "runs").iterdir() if p.is_dir()]
-    _SESSION_RUN["run"] = run_dir, seconds
-    return run_dir, seconds
-
-
-@pytest.fixture(scope="session")
-def tensorboard_run(tmp_path_factory, tiny_dataset):
-    return tiny_tensorboard_run(tmp_path_factory, tiny_dataset)
+    run_dir = up_tiny_job(tmp_path, tiny_dataset, monitor={"tensorboard": True})
+    return run_dir, time.monotonic() - started
 
 
 # MFLossMonitor's line (mindformers r1.8.0 core/callback/callback.py print_output_info):

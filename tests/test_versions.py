@@ -24,7 +24,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import EXAMPLES, only_run, run_launcher, write_tiny_job
+from conftest import EXAMPLES, run_launcher
 
 from launcher import gather, run_versions
 from launcher.entrypoints import finetune
@@ -279,11 +279,8 @@ def test_a_rank_records_what_it_found_and_never_fails_for_it(tmp_path, monkeypat
 # --- one real run -----------------------------------------------------------------------------------
 
 @pytest.mark.e2e
-def test_a_real_run_records_its_versions(tmp_path, tiny_dataset):
-    job = write_tiny_job(tmp_path, tiny_dataset)
-    result = run_launcher("up", job, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    run_dir = only_run(tmp_path)
+def test_a_real_run_records_its_versions(tmp_path, tiny_run):
+    run_dir, job = tiny_run, tmp_path / "job.yaml"  # the job file the run was started with
 
     versions = json.loads((run_dir / "run.json").read_text())["versions"]
     assert versions["launcher"] == importlib.metadata.version("launcher")
