@@ -68,9 +68,9 @@ def rank_records(run_dir: Path, rank: int) -> list[logparse.StepRecord]:
     return records
 
 
-def resumed_plan(plan: LaunchPlan, point: ResumePoint | None) -> LaunchPlan:
+def resumed_plan(plan: LaunchPlan, point: ResumePoint | None, load_dir: str = RESUME_DIR) -> LaunchPlan:
     """The plan of the next attempt: the run's first plan (its job as started), resuming from point, or from
-    the start when None."""
+    the start when None; load_dir: where its ranks see the attempt's resume/ folder."""
     job = plan.job()
     if job is None:
         from launcher.errors import ConfigError
@@ -79,7 +79,7 @@ def resumed_plan(plan: LaunchPlan, point: ResumePoint | None) -> LaunchPlan:
                           "start it again with `launcher up JOB_FILE`")
     if point is not None:
         job = job.model_copy(update={"checkpoint": job.checkpoint.model_copy(
-            update={"load": RESUME_DIR, "resume": point.file_name(0)})})
+            update={"load": load_dir, "resume": point.file_name(0)})})
     return build_plan(job)
 
 

@@ -168,7 +168,7 @@ def _restarts(top: Run, current: Run, backend: Backend, events: Events, notifier
             top.record.save(top.dir)
             break
         by_hand = False
-        current = attempts.start_attempt(top, attempt, attempts.resumed_plan(top.plan, point), point)
+        current = attempts.start_attempt(top, attempt, attempts.resumed_plan(top.plan, point, backend.resume_dir), point)
         notifier.send("restarted", top.record, top.dir)
         events.info(f"attempt {attempt}: run [bold]{current.record.run_id}[/]")
         try:

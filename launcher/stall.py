@@ -29,6 +29,9 @@ SAVE_BUDGET_S = 600.0
 # Before it stops a stalled run the launcher sends this to every rank (entrypoints/finetune.py registers
 # faulthandler on it) and waits this long for their stacks to reach the logs.
 STACKS_WAIT_S = 3.0
+# Where the launcher cannot signal the ranks (Kubernetes), it asks with this file in the ranks' status
+# directory; entrypoints/finetune.py, which imports nothing of the launcher, spells it the same.
+STACKS_REQUEST = "dump-stacks"
 
 
 @dataclass(frozen=True)

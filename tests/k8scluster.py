@@ -8,8 +8,12 @@ default namespace, so the next test meets an empty cluster; the nodes stay for t
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from pathlib import Path
+
+import yaml
 
 from kubernetes.client import CustomObjectsApi, RbacAuthorizationV1Api
 from kubernetes.client.exceptions import ApiException
@@ -81,3 +85,67 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise RuntimeError("the test's claims or volumes were not deleted within 60s")
             time.sleep(0.2)
+
+
+class CuttableLink:
+    """A TCP relay between the launcher and the apiserver that a test can cut: cut() closes every
+    connection through it and closes new ones at once (the client sees a reset, as when a load
+    balancer or the network drops), until mend(). kubeconfig() leads a client through it; the
+    apiserver's certificate names 127.0.0.1, so TLS checks pass through the relay unchanged."""
+
+    def __init__(self, plane):
+        self.plane = plane
+        self.target = ("127.0.0.1", plane.port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = True
+        self.sockets: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def kubeconfig(self) -> Path:
+        path = self.plane.kubeconfig("admin", name="admin-through-link")
+        config = yaml.safe_load(path.read_text())
+        config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{self.port}"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def cut(self) -> None:
+        with self.lock:
+            self.open = False
+            for sock in self.sockets:
+                _close(sock)
+            self.sockets.clear()
+
+    def mend(self) -> None:
+        with self.lock:
+            self.open = True
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            with self.lock:
+                if not self.open:
+                    _close(client)
+                    continue
+                server = socket.create_connection(self.target)
+                self.sockets |= {client, server}
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        _close(source)
+        _close(sink)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

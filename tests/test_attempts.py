@@ -173,10 +173,29 @@ def test_resumed_plan_start_attempt_and_end(tmp_path):
     assert entry["resumed_from"] == {"step": 8, "epoch": 1, "files": {"0": "ranks/rank_0/checkpoint/x.ckpt"}}
 
 
-def test_k8s_backend_refuses_restarts():
-    """A Kubernetes run cannot resume yet: check_restart says so as a ConfigError."""
-    with pytest.raises(ConfigError, match=r"^restart: a Kubernetes run does not restart"):
-        K8sBackend().check_restart(build_plan(parse_job(tiny())))
+def test_a_kubernetes_attempt_resumes_from_its_folder_on_the_claim():
+    """A Kubernetes run restarts only with an output claim, which its pods mount at output/ (their claim
+    folder runs/<run id>/, where the launcher stages the checkpoint): the resumed plan loads output/resume."""
+    job = copy.deepcopy(yaml.safe_load((EXAMPLES / "tiny-lora-k8s.yaml").read_text()))
+    job["dataset"]["path"] = "/data/tiny.mindrecord"
+    job["cluster"]["k8s"].pop("output_pvc", None)
+    with pytest.raises(ConfigError, match=r"^restart: .* set cluster.k8s.output_pvc"):
+        K8sBackend().check_restart(build_plan(parse_job(job)))
+    job["cluster"]["k8s"]["output_pvc"] = "launcher-output"
+    plan = build_plan(parse_job(job))
+    K8sBackend().check_restart(plan)
+    resumed = attempts.resumed_plan(plan, ResumePoint(8, 1, {}), K8sBackend.resume_dir)
+    cfg = yaml.safe_load(resumed.artifacts[CONFIG_PATH])
+    assert (cfg["resume_training"], cfg["load_checkpoint"]) == ("resume_rank_0-1_8.ckpt", "output/resume")
+    pods = [doc for rel, text in resumed.artifacts.items() if rel.startswith("k8s/") and rel.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc and doc.get("kind") == "Pod"]
+    assert len(pods) == 2
+    for pod in pods:
+        [container] = [c for c in pod["spec"]["containers"] if c["name"] == "ascend"]
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == "output" and "subPathExpr" in m]
+        # load_checkpoint is relative to the rank's working directory (MindFormers resolves it from cwd).
+        assert mount["mountPath"] == f"{container['workingDir']}/output"
+        assert mount["subPathExpr"] == "runs/$(LAUNCHER_RUN_ID)"
 
 
 # ---- the rank's side: entrypoints/finetune.py ----

@@ -62,6 +62,7 @@ class Backend:
     launch_of_the_reconnect_run = "msrun"  # the launch mode of the run that new processes reach
     job_env: dict | None = None  # the env: of those two runs
     console_outlives_the_ranks = True  # whether a rank's console log can be gathered after `down`
+    can_purge = False  # whether `down --purge` removes something the backend leaves (node directories)
     follow_ends_after_down = True  # whether `logs -f` returns once `down` stopped the run
 
     def __init__(self, tmp_path: Path):
@@ -224,6 +225,7 @@ class Ssh(Backend):
     example = "tiny-lora-ssh.yaml"
     launches = ("msrun", "ranktable")
     launch_of_the_reconnect_run = "ranktable"
+    can_purge = True
     job_env = {"GLOG_v": "1"}  # the scheduler logs the address each worker connects from
 
     def open(self):
@@ -246,6 +248,12 @@ class Ssh(Backend):
 
     def node_dir(self, node: int, run_id: str = "") -> Path:
         return self.tmp_path / "nodes" / f"node{node}" / run_id
+
+    def check_resume_staged(self, run_id, resumed_from):
+        # Each node was given only its own rank's checkpoint to resume from.
+        for rank in (0, 1):
+            staged = self.node_dir(rank, run_id) / "resume"
+            assert sorted(p.name for p in staged.iterdir()) == [f"rank_{rank}"], staged
 
     def rank_logs(self):
         return list((self.tmp_path / "nodes").glob("node*/*/output/log/rank_*/info.log"))
@@ -326,6 +334,15 @@ class K8s(Backend):
 
     def rank_logs(self):
         return list(self.cluster.runner.pvc_dir(self.claim).glob("runs/*/log/rank_*/info.log"))
+
+    def check_resume_staged(self, run_id, resumed_from):
+        # The checkpoint went onto the claim, into the attempt's folder its pods mount at output/: the
+        # very bytes of the gathered files the attempt resumed from.
+        staged = self.cluster.runner.pvc_dir(self.claim) / "runs" / run_id / "resume"
+        assert sorted(p.name for p in staged.iterdir()) == ["rank_0", "rank_1"], staged
+        for rank, gathered in resumed_from["files"].items():
+            [copy] = (staged / f"rank_{rank}").iterdir()
+            assert copy.read_bytes() == (self.tmp_path / "runs" / run_id.rsplit("-a", 1)[0] / gathered).read_bytes()
 
     def processes(self, run_id):
         # Pod names start with the run id, and so does every path the runner gives a pod.
@@ -565,18 +582,14 @@ def test_new_processes_reach_a_run_whose_launcher_died(backend, tiny_dataset):
 @pytest.mark.parametrize("backend", ["ssh", "k8s"], indirect=True)  # local: test_e2e_resume.py
 def test_a_stalled_run_restarts_from_its_last_whole_checkpoint(backend, tiny_dataset):
     """Rank 1 stops making progress at step 10 of the first attempt: the stall watchdog has every rank
-    write its stacks and stops the run, and the second attempt resumes from step 8 on the same nodes.
-    Kubernetes refuses a restart policy before anything is created."""
+    write its stacks and stops the run, and the second attempt resumes from step 8 (on the same nodes,
+    or from the claim)."""
     job = backend.job(tiny_dataset, env={"LAUNCHER_FAULT": "1:10:sleep:1"})
     data = yaml.safe_load(job.read_text())
     data.update(checkpoint={"save_steps": 4}, restart={"max_attempts": 2, "backoff_s": 0},
                 monitor={"stall_after_s": 10})
     job.write_text(yaml.safe_dump(data))
     result = backend.up(job)
-    if backend.name == "k8s":
-        assert result.returncode == 2 and "a Kubernetes run does not restart or resume yet" in result.stderr, result
-        assert not (backend.tmp_path / "runs").exists() or not any((backend.tmp_path / "runs").iterdir())
-        return
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = only_run(backend.tmp_path)
     run = record(run_dir)
@@ -595,12 +608,12 @@ def test_a_stalled_run_restarts_from_its_last_whole_checkpoint(backend, tiny_dat
         assert re.findall(r"step:\[\s*(\d+)/", info) == [str(s) for s in range(9, STEPS + 1)]
         steps = [checkpoint_step(p)[0] for p in (attempt / "ranks" / f"rank_{rank}" / "checkpoint").glob("*.ckpt")]
         assert max(steps) == STEPS
-        # Each node was given only its own rank's checkpoint to resume from.
-        staged = backend.node_dir(rank, f"{run_dir.name}-a2") / "resume"
-        assert sorted(p.name for p in staged.iterdir()) == [f"rank_{rank}"], staged
+    backend.check_resume_staged(f"{run_dir.name}-a2", run["attempt_records"][1]["resumed_from"])
     assert manifest_problems(run_dir) == []
     assert_nothing_left(backend, run_dir.name)
     assert_nothing_left(backend, f"{run_dir.name}-a2")
+    if not backend.can_purge:
+        return
     # --purge removes the node directories of every attempt.
     purge = backend.cli("down", run_dir.name, "--purge")
     assert purge.returncode == 0 and f"run {run_dir.name}-a2: no process left, node directories removed" in purge.stdout

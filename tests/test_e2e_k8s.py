@@ -6,7 +6,9 @@ What every backend does (train and gather, a failing rank, Ctrl-C and SIGTERM, s
 from new processes) is in test_backend_contract.py; here is what only the Kubernetes backend has.
 """
 
+import json
 import os
+import re
 import subprocess
 import time
 
@@ -194,6 +196,43 @@ def test_deleting_the_owner_deletes_the_run_through_the_garbage_collector(tmp_pa
     assert_nothing_left(cluster, run_id)
 
 
+def test_a_dropped_watch_resumes_and_misses_no_failure(tmp_path, cluster, tiny_dataset):
+    """The launcher's link to the API is cut while rank 1 fails and its pod is deleted. When the link is
+    back, the watch resumes from the resourceVersion it had reached and still names rank 1's failure: a
+    fresh list could not, since the failed pod is gone by then (it would say the pod was deleted)."""
+    link = k8scluster.CuttableLink(cluster.plane)
+    job = write_job(tmp_path, tiny_dataset, env={"LAUNCHER_FAULT": "1:4"})
+    proc = subprocess.Popen([LAUNCHER, "up", str(job), "--pvc-dir", str(cluster.runner.pvc_dir(CLAIM))],
+                            cwd=tmp_path, env={**os.environ, "KUBECONFIG": str(link.kubeconfig())},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    core = cluster.runner.core  # the test's own way to the API, not through the link
+
+    def rank_pods():
+        return {p.metadata.name: p for p in core.list_namespaced_pod("default", label_selector="launcher/rank").items}
+
+    deadline = time.monotonic() + 120
+    while sorted(p.status.phase for p in rank_pods().values()) != ["Running", "Running"]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    run_id = only_run(tmp_path).name
+    link.cut()
+    deadline = time.monotonic() + 180
+    while rank_pods()[f"{run_id}-rank-1"].status.phase != "Failed":
+        assert time.monotonic() < deadline, "rank 1 did not fail"
+        time.sleep(0.2)
+    core.delete_namespaced_pod(f"{run_id}-rank-1", "default")
+    while f"{run_id}-rank-1" in rank_pods():
+        assert time.monotonic() < deadline, "rank 1's pod was not deleted"
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()  # the launcher waited for the API to come back
+    link.mend()
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 1, stderr
+    assert f"rank 1 failed (pod {run_id}-rank-1)" in stderr, stderr
+    assert "deleted while the job ran" not in stderr, stderr
+    assert_nothing_left(cluster, run_id)
+
+
 def test_refused_object_is_named_and_the_rest_deleted(tmp_path, cluster, tiny_dataset):
     """A ResourceQuota of one pod: the apiserver's quota admission refuses rank 1's pod."""
     core = cluster.runner.core
@@ -349,6 +388,39 @@ def per_node_job(tmp_path, dataset, env=None, **k8s):
     data["cluster"]["nodes"] = [{"host": "node-0", "devices": [0]}, {"host": "node-1", "devices": [1]}]
     job.write_text(yaml.safe_dump(data))
     return job
+
+
+def test_a_volcano_job_restarts_from_the_claim_and_volcano_starts_no_pod_again(tmp_path, cluster, tiny_dataset):
+    """Rank 1 is killed (SIGKILL, as the OOM killer does) at step 10 of the first attempt. Volcano starts no
+    pod again (maxRetry 0): the launcher does, as attempt 2 of the same run, whose pods load the step-8
+    checkpoint that the launcher copied onto the claim and go on with steps 9..16."""
+    since = cluster.plane.audit_log.stat().st_size
+    job = write_job(tmp_path, tiny_dataset, kind="volcano-job", env={"LAUNCHER_FAULT": "1:10:kill:1"})
+    data = yaml.safe_load(job.read_text())
+    data.update(checkpoint={"save_steps": 4}, restart={"max_attempts": 2, "backoff_s": 0})
+    job.write_text(yaml.safe_dump(data))
+    result = up(tmp_path, cluster, job)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = only_run(tmp_path)
+    run_id = run_dir.name
+    run = json.loads((run_dir / "run.json").read_text())
+    assert (run["attempts"], run["state"]) == (2, "succeeded"), run
+    first, second = run["attempt_records"]
+    assert first["state"] == "failed" and first["failed_rank"] == 1, first
+    assert second["resumed_from"]["step"] == 8, second
+    for rank in (0, 1):
+        info = (run_dir / "attempts" / "2" / "ranks" / f"rank_{rank}" / "log" / "info.log").read_text()
+        assert re.findall(r"step:\[\s*(\d+)/", info) == [str(s) for s in range(9, 17)]
+    # Each pod was made once, by Volcano, for its attempt: one uid per name in everything the API stored.
+    uids: dict[str, set] = {}
+    for resource, obj in cluster.plane.stored(since):
+        if obj.get("kind") == "Pod" and obj["metadata"]["name"].startswith(run_id):
+            uids.setdefault(obj["metadata"]["name"], set()).add(obj["metadata"]["uid"])
+    assert sorted(uids) == [f"{run_id}-a2-rank-0-0", f"{run_id}-a2-rank-1-0", f"{run_id}-rank-0-0",
+                            f"{run_id}-rank-1-0"], uids
+    assert all(len(made) == 1 for made in uids.values()), uids
+    assert_nothing_left(cluster, run_id)
+    assert_nothing_left(cluster, f"{run_id}-a2")
 
 
 def test_per_node_pods_run_msrun_and_their_workers_consoles_come_from_the_claim(tmp_path, cluster, tiny_dataset):

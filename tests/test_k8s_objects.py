@@ -84,3 +84,37 @@ def test_a_kind_up_does_not_start_is_refused():
     plan = dataclasses.replace(plan, artifacts={**plan.artifacts, "k8s/zz-extra.yaml": extra})
     with pytest.raises(ConfigError, match="launcher up does not start CronJob objects"):
         run_objects(plan, "tiny-lora-k8s-20260101-120000")
+
+
+# MindCluster's own restart switches: the job and PodGroup labels fault-scheduling (grace, force, off),
+# fault-retry-times, pod-rescheduling and process-recover-enable (hiascend.com MindCluster 7.3.0
+# "PodGroup" and "Pod" label tables, dlug_api_024 / dlug_api_173; Volcano and Ascend Operator read them).
+MINDCLUSTER_RESTARTS = ("fault-scheduling", "fault-retry-times", "pod-rescheduling", "process-recover-enable")
+
+
+@pytest.mark.parametrize("example", ["tiny-lora-k8s.yaml", "qwen1_5-7b-full-2x8-k8s-vcjob.yaml",
+                                     "qwen1_5-7b-full-2x8-ascendjob.yaml"])
+def test_no_controller_restarts_a_run_behind_the_launchers_back(example):
+    """The launcher owns restarts (restart:, launcher resume): a Volcano Job never retries (maxRetry 0,
+    and PodFailed terminates the job: volcano.sh/apis batch/v1alpha1 job.go, JobSpec.MaxRetry and the
+    LifecyclePolicy actions), every pod and replica has restartPolicy Never, and nothing asks MindCluster
+    to reschedule."""
+    plan = build_plan(load_job(EXAMPLES / example))
+    objects = run_objects(plan, RUN)
+    templates = []
+    for obj in objects:
+        assert not set(MINDCLUSTER_RESTARTS) & set(obj["metadata"].get("labels", {})), obj["metadata"]
+        if obj["kind"] == "Pod":
+            templates.append(obj)
+        elif obj["kind"] == "Job":
+            assert obj["spec"]["maxRetry"] == 0
+            assert obj["spec"]["policies"] == [{"event": "PodFailed", "action": "TerminateJob"}]
+            templates += [task["template"] for task in obj["spec"]["tasks"]]
+        elif obj["kind"] == "AscendJob":
+            for replica in obj["spec"]["replicaSpecs"].values():
+                assert replica["restartPolicy"] == "Never"
+                templates.append(replica["template"])
+    assert templates
+    for template in templates:
+        assert not set(MINDCLUSTER_RESTARTS) & set(template["metadata"].get("labels", {}))
+        assert template["spec"].get("restartPolicy", "Never") == "Never"

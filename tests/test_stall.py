@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from launcher.entrypoints import nodectl
 from launcher.logparse import RankProgress, StepRecord
 from launcher.plan import CONFIG_PATH, build_plan
 from launcher.spec import parse_job
-from launcher.stall import Stall, StallWatch, save_steps
+from launcher.stall import STACKS_REQUEST, Stall, StallWatch, save_steps
 
 
 class Clock:
@@ -222,3 +223,35 @@ def test_dump_stacks_signals_only_listed_pids_that_carry_the_run_id(tmp_path):
 def test_dump_stacks_without_a_status_folder_signals_nothing(tmp_path):
     """A run whose ranks wrote no pid yet: nothing to signal, no error."""
     assert nodectl.dump_stacks("test-stall-none", str(tmp_path)) == []
+
+
+def test_a_rank_writes_its_stacks_when_the_request_file_appears(tmp_path):
+    """Where the launcher cannot signal a rank (a Kubernetes pod), it creates STACKS_REQUEST in the rank's
+    status folder: the entrypoint's watcher thread has faulthandler write every thread's stack, and the
+    rank goes on (the watcher thread has ended by then)."""
+    from launcher.entrypoints import finetune
+
+    assert finetune.STACKS_REQUEST == STACKS_REQUEST and finetune.STATUS_DIR == "output/launcher"
+    code = ("import faulthandler, threading, time, sys\n"
+            f"sys.path.insert(0, {str(Path(finetune.__file__).parent)!r})\n"
+            "import finetune\n"
+            "threading.Thread(target=finetune._watch_stacks_request, args=(0.1,), daemon=True).start()\n"
+            "def waiting_in_collective():\n"
+            "    print('ready', flush=True)\n"
+            "    time.sleep(60)\n"
+            "waiting_in_collective()\n")
+    log = tmp_path / "rank.err"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=log.open("w"), text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        assert log.read_text() == ""  # no request, no stacks
+        (tmp_path / "output" / "launcher").mkdir(parents=True)
+        (tmp_path / "output" / "launcher" / STACKS_REQUEST).touch()
+        assert not wait_until(lambda: "waiting_in_collective" not in log.read_text(), timeout=10, step=0.1)
+        time.sleep(0.5)
+        assert proc.poll() is None and "Segmentation fault" not in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from launcher.liveview import LiveView
 from launcher.plan import LaunchPlan
-from launcher.runs import RunRecord
+from launcher.runs import RESUME_DIR, RunRecord
 from launcher.spec import Job
 
 _CLASSES = {"local": "launcher.backends.local:LocalBackend", "ssh": "launcher.backends.ssh.backend:SshBackend",
@@ -74,6 +74,9 @@ Echo = Callable[[str], None]
 class Backend(ABC):
     name: ClassVar[str]
     can_purge: ClassVar[bool] = False  # `down --purge` removes something that only this backend leaves
+    # Where a resumed attempt's ranks find the checkpoint the runner staged in its resume/ folder,
+    # relative to their working directory.
+    resume_dir: ClassVar[str] = RESUME_DIR
 
     def resolve_paths(self, job: Job, base: Path) -> Job:
         """The job with its paths as the ranks will see them (remote backends: as written)."""

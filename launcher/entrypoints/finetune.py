@@ -26,6 +26,7 @@ import platform
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -33,6 +34,20 @@ STATUS_DIR = os.path.join("output", "launcher")
 # The launcher's stall watchdog sends this signal before it stops a stalled run: every thread's Python
 # stack goes to stderr (the rank's console log), to show where the rank waits.
 STACKS_SIGNAL = signal.SIGUSR1
+# Where no launcher can signal the rank (a Kubernetes pod: no exec), it asks for the stacks with this
+# file in STATUS_DIR, which a thread of the rank looks for.
+STACKS_REQUEST = "dump-stacks"
+
+
+def _watch_stacks_request(poll_s=1.0):
+    """Write every thread's stack to stderr once STACKS_REQUEST appears (a daemon thread's loop). The
+    thread dumps them itself, holding the GIL: signalling its own process and then ending would let
+    faulthandler's handler walk the threads while this one's state is freed (a segmentation fault)."""
+    request = os.path.join(STATUS_DIR, STACKS_REQUEST)
+    while not os.path.exists(request):
+        time.sleep(poll_s)
+    faulthandler.dump_traceback(all_threads=True)
+    sys.stderr.flush()
 
 
 def _write_status(rank, name, text):
@@ -243,6 +258,7 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: finetune.py RUN_CONFIG.yaml")
     faulthandler.register(STACKS_SIGNAL, all_threads=True)
+    threading.Thread(target=_watch_stacks_request, name="stacks request", daemon=True).start()
     is_scheduler = os.environ.get("MS_ROLE") == "MS_SCHED"
     rank_id = os.environ.get("RANK_ID", "0")
     if not is_scheduler:

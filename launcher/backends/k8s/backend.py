@@ -8,15 +8,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launcher import gather, secret_env
+from launcher import attempts, gather, secret_env
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status, sigterm_as_interrupt
 from launcher.backends.k8s.api import Target, phase
-from launcher.backends.k8s.cluster import WATCH_SECONDS, KubeRun, execute, reconnect
+from launcher.backends.k8s.cluster import KubeRun, execute, reconnect
+from launcher.backends.k8s.podwatch import WATCH_SECONDS
 from launcher.backends.k8s.objects import run_objects, run_pods
 from launcher.errors import ConfigError, LauncherError
+from launcher.k8s_manifests import CLAIM_RUNS_DIR
 from launcher.liveview import LiveView
 from launcher.plan import LaunchPlan
-from launcher.runs import MIRROR_DIR, OUTPUT_DIR, RUN_DATA_DIR, RunRecord
+from launcher.runs import MIRROR_DIR, OUTPUT_DIR, RESUME_DIR, RUN_DATA_DIR, RunRecord
 from launcher.spec import Job
 
 
@@ -78,10 +80,24 @@ def down(plan: LaunchPlan, run_dir: Path, record: RunRecord) -> list[str]:
     return reconnect(plan, run_dir, record).delete_all()
 
 
+def stage_resume(run_dir: Path, record: RunRecord, target: Target) -> None:
+    """A resumed attempt's checkpoint (resume/rank_N/, staged by the runner) onto the claim, into the
+    attempt's folder that its pods mount at output/ (so they load it from output/resume/)."""
+    staged = run_dir / RESUME_DIR
+    if not staged.is_dir():
+        return
+    if not target.pvc_dir:
+        raise ConfigError("resume: the checkpoint to resume from goes onto the claim; pass --pvc-dir")
+    dest = Path(target.pvc_dir) / CLAIM_RUNS_DIR / record.run_id / RESUME_DIR
+    for path in sorted(p for p in staged.rglob("*") if p.is_file()):
+        gather.copy_verified(path, dest / path.relative_to(staged))
+
+
 class K8sBackend(Backend):
     """The ranks as pods, created through the Kubernetes API (cluster.py)."""
 
     name = "k8s"
+    resume_dir = f"{OUTPUT_DIR}/{RESUME_DIR}"  # the pods' output/ is their attempt's folder on the claim
     OPTIONS = ("kubeconfig", "context", "namespace", "pvc_dir", "replace", "pending_timeout")
 
     def __init__(self, kubeconfig: str | None = None, context: str | None = None, namespace: str | None = None,
@@ -90,10 +106,11 @@ class K8sBackend(Backend):
         self.replace, self.pending_timeout = replace, pending_timeout
 
     def check_restart(self, plan: LaunchPlan) -> None:
-        # A resumed attempt reads its checkpoint from its work directory; on Kubernetes that means the
-        # claim, which the launcher does not write to.
-        raise ConfigError("restart: a Kubernetes run does not restart or resume yet; set restart.max_attempts "
-                          "to 1 and start again with checkpoint.load and checkpoint.resume")
+        # The checkpoints an attempt resumes from are gathered from the claim, and go back onto it.
+        job = plan.job()
+        if job is not None and not job.cluster.k8s.output_pvc:
+            raise ConfigError("restart: a Kubernetes run resumes from the checkpoints its ranks wrote to its "
+                              "output claim; set cluster.k8s.output_pvc and pass --pvc-dir")
 
     def where(self, plan: LaunchPlan) -> str:
         return "Kubernetes"
@@ -122,8 +139,11 @@ class K8sBackend(Backend):
 
     def execute(self, run: Run, events: Events) -> Outcome:
         secrets = secret_env.resolve(secret_env.plan_sources(run.plan.artifacts))
+        # `launcher resume RUN` is given no cluster options: a later attempt reaches the first one's cluster.
+        target = self.target if self.target != Target() else Target.load(attempts.top_of(run.dir))
+        stage_resume(run.dir, run.record, target)
         with sigterm_as_interrupt():
-            run.record, problems = execute(run.plan, run.dir, run.record, events.console, self.target, self.replace,
+            run.record, problems = execute(run.plan, run.dir, run.record, events.console, target, self.replace,
                                            self.pending_timeout, secrets)
         events.info("gathered; verifying ...")
         return Outcome([Problem(p) for p in problems], gather.failed_rank_tail(run.dir, run.record))

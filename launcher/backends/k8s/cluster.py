@@ -2,12 +2,10 @@
 
 Objects are created in dependency order (the ConfigMap that owns the rest first, the pods, or the
 Volcano Job or AscendJob whose controller makes them, last), with names `<job>-<short run id>` and
-the label `launcher/run-id=<run id>` (objects.py), which a job's pod templates carry too. Pods are
-watched with watch streams that the server closes after WATCH_SECONDS (timeoutSeconds); each stream
-starts with the full state of the run's pods, so no resourceVersion is carried between streams.
-A per-rank pod's log (the log subresource) is its rank's console: it feeds the live view and
-ranks/rank_N/console.log. A node's pod runs msrun, whose workers write their consoles to output/;
-the live view reads those from the claim. The files under output/ are gathered from the run's folder
+the label `launcher/run-id=<run id>` (objects.py), which a job's pod templates carry too. The run's
+pods are watched from one resourceVersion to the next, so no change is missed (podwatch.py). A per-rank
+pod's log (the log subresource) is its rank's console, and a node's pod's ranks write theirs to output/
+(consoles.py): they feed the live view, the stall watchdog and ranks/rank_N/console.log. The files under output/ are gathered from the run's folder
 runs/<run id>/ on the job's output PVC, mounted on this machine (--pvc-dir). Gathering through
 exec + tar (pods without a PVC) is not implemented: their checkpoints cannot be gathered.
 Deletion is explicit, object by object, by label, the job first so that its controller makes no new
@@ -25,16 +23,18 @@ from rich.console import Console
 
 from launcher import gather, secret_env
 from launcher.backends.base import teardown_shield
-from launcher.backends.k8s.api import RANK_CONTAINER, Target, api_client, api_message, exit_code, finished_at, phase
+from launcher.backends.k8s.api import Target, api_client, api_message, finished_at, phase
+from launcher.backends.k8s.consoles import Consoles
+from launcher.backends.k8s.podwatch import PodWatch
 from launcher.backends.k8s.objects import CUSTOM, RUN_LABEL, RunPod, output_claim, run_objects, run_pods, set_owner
 from launcher.errors import BackendError
 from launcher.k8s_manifests import CLAIM_RUNS_DIR
 from launcher.liveview import LiveView
 from launcher.plan import STATUS_DIR, LaunchPlan
 from launcher.runs import MIRROR_DIR, RunRecord
+from launcher.stall import STACKS_REQUEST, STACKS_WAIT_S, Stall, StallWatch
 
 REQUEST_TIMEOUT = 30  # seconds, every API call
-WATCH_SECONDS = 1
 DELETE_WAIT = 120
 # Who serves a custom kind, for the 404 of a cluster without it.
 _SERVED_BY = {"PodGroup": "Volcano", "Job": "Volcano", "AscendJob": "MindCluster's Ascend Operator"}
@@ -57,8 +57,13 @@ class KubeRun:
         self.run_pods: dict[str, RunPod] = {pod.name: pod for pod in run_pods(plan, self.objects)}
         self.claim = output_claim(self.objects)  # the claim the pods mount at output/, if any
         self.seen: set[str] = set()  # pods seen so far: a job's controller makes its pods after create_all
-        self.mirrored: dict[str, int] = {}
+        self.watcher = PodWatch(self.core, self.ns, self.selector, self.api.configuration.host, REQUEST_TIMEOUT)
         self.failed_rank: int | None = None
+        self.stalled: Stall | None = None  # the stall watchdog's finding, when it ended the watch
+        claim_dir = (Path(target.pvc_dir) / CLAIM_RUNS_DIR / record.run_id
+                     if target.pvc_dir and self.claim is not None else None)
+        self.consoles = Consoles(self.core, self.ns, plan, self.run_pods, run_dir / MIRROR_DIR, claim_dir,
+                                 REQUEST_TIMEOUT)
 
     # --- the API, per kind ---------------------------------------------------------------------
 
@@ -162,28 +167,8 @@ class KubeRun:
     # --- watching ------------------------------------------------------------------------------
 
     def pods(self) -> dict:
-        """The run's pods now, from one watch stream of WATCH_SECONDS (it starts with every pod)."""
-        from kubernetes import watch
-
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        pods = {}
-        stream = watch.Watch().stream(self.core.list_namespaced_pod, self.ns, label_selector=self.selector,
-                                      timeout_seconds=WATCH_SECONDS, _request_timeout=WATCH_SECONDS + REQUEST_TIMEOUT)
-        try:
-            for event in stream:
-                pod = event["object"]
-                if event["type"] == "DELETED":
-                    pods.pop(pod.metadata.name, None)
-                elif event["type"] in ("ADDED", "MODIFIED"):
-                    pods[pod.metadata.name] = pod
-        except ApiException as exc:
-            raise BackendError(f"watch pods: {api_message(exc)}") from None
-        except HTTPError as exc:
-            raise BackendError(f"watch pods: cannot reach the Kubernetes API at {self.api.configuration.host}: "
-                               f"{exc}") from None
-        return pods
+        """The run's pods now, as the watch has brought them (podwatch.py)."""
+        return self.watcher.pods()
 
     def watch(self, view: LiveView, pending_timeout: float) -> tuple[str, str]:
         """Until every rank's pod succeeds, one fails or is deleted, or pods stay Pending (or a job's
@@ -193,13 +178,17 @@ class KubeRun:
         while True:
             pods = {name: pod for name, pod in self.pods().items() if name in self.run_pods}
             self.seen |= set(pods)
-            self.mirror(pods)
+            self.mirror(pods, follow=True)
             view.update()
+            if view.stalled is not None:
+                self.stalled = view.stalled
+                self.request_stacks()
+                return "stalled", view.stalled.message()
             # A pod ended by its deletion (kubectl, the garbage collector, an eviction) did not fail by itself.
             deleting = {name for name, pod in pods.items()
                         if pod.metadata.deletion_timestamp and phase(pod) != "Succeeded"}
-            failed = sorted((finished_at(pod), name) for name, pod in pods.items()
-                            if phase(pod) == "Failed" and name not in deleting)
+            failed = sorted((finished_at(pod), name) for name, pod in self.watcher.failures.items()
+                            if name in self.run_pods)
             if failed:
                 self.failed_rank = self.failing_rank(self.run_pods[failed[0][1]])  # the others may have followed it
                 names = ", ".join(f"{name} ({self.run_pods[name].describe()})" for _, name in failed)
@@ -213,12 +202,22 @@ class KubeRun:
             if waiting and time.monotonic() - started > pending_timeout:
                 return "pending", self.pending_reasons(pods, waiting, pending_timeout)
 
+    def request_stacks(self) -> None:
+        """Have every rank write its Python stacks to its console before the run is stopped: no exec here,
+        so through the request file its entrypoint looks for on the claim (STACKS_REQUEST)."""
+        request = self.consoles.on_claim(f"{STATUS_DIR}/{STACKS_REQUEST}")
+        if request is None:
+            return
+        request.parent.mkdir(parents=True, exist_ok=True)
+        request.touch()
+        time.sleep(STACKS_WAIT_S + 1)  # the ranks look once a second; their stacks then reach the log streams
+
     def failing_rank(self, pod: RunPod) -> int | None:
         """The rank a failed pod names: its one rank, or the first of its node's ranks that exited non-zero."""
         if len(pod.ranks) <= 1:
             return pod.ranks[0] if pod.ranks else None
         for rank in pod.ranks:
-            code = self.mirror_dir / STATUS_DIR / f"rank_{rank}.exit"
+            code = self.run_dir / MIRROR_DIR / STATUS_DIR / f"rank_{rank}.exit"
             if code.is_file() and code.read_text().strip() not in ("", "0"):
                 return rank
         return pod.ranks[0]
@@ -243,69 +242,14 @@ class KubeRun:
                            field_selector=f"involvedObject.name={name}").items
         return list(dict.fromkeys(f"{e.reason}: {e.message}" for e in events if e.type == "Warning"))
 
-    def log(self, name: str) -> str | None:
-        """The pod's log (the rank's container), or None if the pod has none (not started, or gone)."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            resp = self.call(f"log of {name}", self.core.read_namespaced_pod_log, name, self.ns,
-                             container=RANK_CONTAINER, _preload_content=False)
-        except ApiException as exc:
-            if exc.status == 403:  # not a pod without a log yet: the launcher may not read logs at all
-                raise BackendError(f"log of pod {name}: {api_message(exc)}") from None
-            return None
-        return resp.data.decode(errors="replace")
-
     def pod_of_rank(self, rank: int) -> RunPod:
         return next(pod for pod in self.run_pods.values() if rank in pod.ranks)
 
     def console(self, rank: int) -> str | None:
-        """The rank's console so far: its pod's log, or the file msrun's worker writes on the claim."""
-        pod = self.pod_of_rank(rank)
-        if pod.own_console:
-            return self.log(pod.name)
-        path = self.on_claim(self.plan.ranks[rank].console_log)
-        return path.read_text(errors="replace") if path and path.is_file() else None
+        return self.consoles.console(rank)
 
-    def on_claim(self, rel: str) -> Path | None:
-        """Where a file the pods write under output/ is on this machine, if the claim is mounted here."""
-        if not self.target.pvc_dir or self.claim is None:
-            return None
-        return Path(self.target.pvc_dir) / CLAIM_RUNS_DIR / self.record.run_id / rel.removeprefix("output/")
-
-    @property
-    def mirror_dir(self) -> Path:
-        return self.run_dir / MIRROR_DIR
-
-    def mirror(self, pods: dict) -> Path:
-        """Copy what is new in each started rank's log, and its exit code, into the mirror directory."""
-        for name, pod in pods.items():
-            if phase(pod) not in ("Running", "Succeeded", "Failed"):
-                continue
-            for rank in self.run_pods[name].ranks:
-                slot = self.plan.ranks[rank]
-                own = self.run_pods[name].own_console
-                # The whole log each time: the log subresource has no byte offset (sinceTime counts seconds).
-                text = self.log(name) if own else self.read_claim(slot.info_log)
-                if text is not None:
-                    self.append_new(slot.info_log, text.encode())
-                code = exit_code(pod) if own else self.read_claim(f"{STATUS_DIR}/rank_{rank}.exit")
-                if code is not None:
-                    path = self.mirror_dir / STATUS_DIR / f"rank_{rank}.exit"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(f"{str(code).strip()}\n")
-        return self.mirror_dir
-
-    def read_claim(self, rel: str) -> str | None:
-        path = self.on_claim(rel)
-        return path.read_text(errors="replace") if path and path.is_file() else None
-
-    def append_new(self, rel: str, data: bytes) -> None:
-        path = self.mirror_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab") as f:
-            f.write(data[self.mirrored.get(rel, 0):])
-        self.mirrored[rel] = max(len(data), self.mirrored.get(rel, 0))
+    def mirror(self, pods: dict, follow: bool = False) -> Path:
+        return self.consoles.mirror(pods, follow)
 
     # --- teardown and gather -------------------------------------------------------------------
 
@@ -334,7 +278,10 @@ class KubeRun:
         """Every started pod's log through the API: a rank's into ranks/rank_N/console.log, a node's
         (msrun's own output) into nodes/node-N/node.log, a scheduler's into nodes/scheduler.log."""
         for name, pod in self.run_pods.items():
-            text = self.log(name)
+            text = self.consoles.log(name)
+            streamed = self.consoles.mirrored_console(pod.ranks[0]) if pod.own_console else None
+            if text is None and streamed is not None:  # the pod is gone (deleted, evicted): its streamed log
+                text = streamed.read_text(errors="replace")
             if text is None:
                 continue
             if pod.own_console:
@@ -389,7 +336,8 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
     record.save(run_dir)
     outcome, detail = "interrupted", ""
     try:
-        with LiveView(plan, run_dir / MIRROR_DIR, console, title=record.run_id) as view:
+        with LiveView(plan, run_dir / MIRROR_DIR, console, title=record.run_id,
+                      watch=StallWatch.for_plan(plan)) as view:
             outcome, detail = run.watch(view, pending_timeout)
     except KeyboardInterrupt:
         pass
@@ -403,12 +351,15 @@ def execute(plan: LaunchPlan, run_dir: Path, record: RunRecord, console: Console
                     problems += step() or []
                 except BackendError as exc:
                     problems.append(f"{exc}; 'launcher down {record.run_id}' deletes what is left")
+            run.consoles.close()
     record.finished = time.time()
     record.state = {"succeeded": "succeeded", "interrupted": "interrupted"}.get(outcome, "failed")
     record.exit_code = {"succeeded": 0, "interrupted": 130}.get(outcome, 1)
     if outcome in ("failed", "error"):
         record.failed_rank = run.failed_rank
         record.message = detail
+    elif outcome == "stalled":
+        record.failed_rank, record.message = run.stalled.rank, detail
     elif outcome == "pending":
         record.message = f"{detail}\nevery object of the run was deleted"
     record.save(run_dir)
