@@ -18,6 +18,19 @@ def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/ from the current output")
 
 
+def needs_control_plane(item) -> bool:
+    """Marked k8s, or a backend contract test given the Kubernetes backend."""
+    callspec = getattr(item, "callspec", None)
+    return item.get_closest_marker("k8s") is not None or (callspec is not None and callspec.params.get("backend") == "k8s")
+
+
+def pytest_collection_modifyitems(items):
+    # The Kubernetes tests last: on a new machine scripts/test leaves the control plane building in the
+    # background (about 18 minutes), and the other tests run meanwhile; the first Kubernetes test waits
+    # for the build (scripts/k8s-binaries takes its lock).
+    items.sort(key=needs_control_plane)
+
+
 def require_tool(name: str) -> str:
     """Path of a tool the test needs. Skips where it is missing, except in CI (LAUNCHER_TESTS_STRICT)."""
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))

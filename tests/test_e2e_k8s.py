@@ -27,7 +27,7 @@ from conftest import (
 )
 from launcher.runs import RunRecord
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
 CLAIM = "launcher-output"
 
 

@@ -14,7 +14,7 @@ from kubernetes.client import CustomObjectsApi
 import k8scluster
 from k8s_ascend_operator import GROUP, PLURAL, VERSION, AscendOperator
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.k8s]
 NPU = "huawei.com/Ascend910"
 POD_NAME = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
 

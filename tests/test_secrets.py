@@ -353,6 +353,7 @@ def test_ssh_ranks_get_the_values_over_the_channel_and_no_node_keeps_them(tmp_pa
 
 
 @pytest.mark.e2e
+@pytest.mark.k8s
 def test_k8s_pods_read_the_runs_secret_and_no_other_object_holds_the_values(tmp_path, tiny_dataset, secrets):
     import k8scluster
     from test_e2e_k8s import CLAIM, assert_nothing_left, launcher_env, write_job
