@@ -8,6 +8,7 @@ default namespace, so the next test meets an empty cluster; the nodes stay for t
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -53,6 +54,15 @@ class Cluster:
         """(resource plural, object) for every object the API returned from a write since this cluster
         was made, deleted ones included: the apiserver's own audit log."""
         return self.plane.stored(since=self._audit_start)
+
+    def log_requests(self, pod: str, user: str = "admin") -> list[str]:
+        """The request URI of every read of a pod's log by user since this cluster was made (audit log)."""
+        with self.plane.audit_log.open("rb") as f:
+            f.seek(self._audit_start)
+            events = [json.loads(line) for line in f.read().decode().splitlines()]
+        return [e["requestURI"] for e in events if e["stage"] == "ResponseComplete" and e["user"]["username"] == user
+                and (e.get("objectRef") or {}).get("subresource") == "log"
+                and (e.get("objectRef") or {}).get("name") == pod]
 
     def stop(self):
         self.runner.stop()

@@ -391,6 +391,12 @@ class K8s(Backend):
         owners = {pod["metadata"]["ownerReferences"][0]["uid"] for pod in pods.values()}
         assert len(owners) == 1 and owners != {"00000000-0000-0000-0000-000000000000"}
         assert all(pod["metadata"]["labels"]["launcher/run-id"] == run_id for pod in pods.values())
+        # A pod's log is read as it grows through one follow stream (a second only if the first ended
+        # early), and once whole to gather it: not again and again while the run is watched.
+        for name in pods:
+            reads = self.cluster.log_requests(name)
+            follows = [uri for uri in reads if "follow=true" in uri]
+            assert 1 <= len(follows) <= 2 and len(reads) - len(follows) == 1, reads
 
 
 BACKENDS = {cls.name: cls for cls in (Local, Ssh, K8s)}

@@ -382,24 +382,44 @@ def test_a_volcano_job_trains_through_the_volcano_controller(tmp_path, cluster, 
 
 
 def per_node_job(tmp_path, dataset, env=None, **k8s):
-    """Two nodes of one rank each, one pod per node running its msrun."""
-    job = write_job(tmp_path, dataset, env=env, pods="per-node", **k8s)
+    """Two nodes of one rank each, one pod per node running its msrun, at most one per Kubernetes node
+    (cluster.k8s.anti_affinity): CPU pods ask for no NPU that would keep two of them apart."""
+    job = write_job(tmp_path, dataset, env=env, pods="per-node", anti_affinity=True, **k8s)
     data = yaml.safe_load(job.read_text())
     data["cluster"]["nodes"] = [{"host": "node-0", "devices": [0]}, {"host": "node-1", "devices": [1]}]
     job.write_text(yaml.safe_dump(data))
     return job
 
 
-def test_a_volcano_job_restarts_from_the_claim_and_volcano_starts_no_pod_again(tmp_path, cluster, tiny_dataset):
-    """Rank 1 is killed (SIGKILL, as the OOM killer does) at step 10 of the first attempt. Volcano starts no
-    pod again (maxRetry 0): the launcher does, as attempt 2 of the same run, whose pods load the step-8
-    checkpoint that the launcher copied onto the claim and go on with steps 9..16."""
-    since = cluster.plane.audit_log.stat().st_size
-    job = write_job(tmp_path, tiny_dataset, kind="volcano-job", env={"LAUNCHER_FAULT": "1:10:kill:1"})
-    data = yaml.safe_load(job.read_text())
-    data.update(checkpoint={"save_steps": 4}, restart={"max_attempts": 2, "backoff_s": 0})
-    job.write_text(yaml.safe_dump(data))
-    result = up(tmp_path, cluster, job)
+# The pods each kind's controller makes (see the Volcano Job and AscendJob tests below for the sources).
+CONTROLLED = {"volcano-job": ("rank-0-0", "rank-1-0"), "ascend-job": ("scheduler-0", "worker-0", "worker-1")}
+
+
+@pytest.mark.parametrize("kind", list(CONTROLLED))
+def test_a_job_restarts_from_the_claim_and_its_controller_starts_no_pod_again(tmp_path, cluster, tiny_dataset, kind):
+    """Rank 1 is killed (SIGKILL, as the OOM killer does) at step 10 of the first attempt. Neither Volcano
+    (maxRetry 0) nor the Ascend Operator (restartPolicy Never, no rescheduling label) starts a pod again:
+    the launcher does, as attempt 2 of the same run, whose pods load the step-8 checkpoint that the
+    launcher copied onto the claim and go on with steps 9..16. The AscendJob goes through the operator
+    stand-in (k8s_ascend_operator.py), with per-node msrun pods."""
+    from k8s_ascend_operator import AscendOperator
+
+    operator = AscendOperator(cluster.plane) if kind == "ascend-job" else None
+    if operator is not None:
+        operator.install_crd()
+        operator.start()
+    try:
+        since = cluster.plane.audit_log.stat().st_size
+        env = {"LAUNCHER_FAULT": "1:10:kill:1"}
+        job = (per_node_job(tmp_path, tiny_dataset, env=env, kind=kind) if operator is not None
+               else write_job(tmp_path, tiny_dataset, env=env, kind=kind))
+        data = yaml.safe_load(job.read_text())
+        data.update(checkpoint={"save_steps": 4}, restart={"max_attempts": 2, "backoff_s": 0})
+        job.write_text(yaml.safe_dump(data))
+        result = up(tmp_path, cluster, job)
+    finally:
+        if operator is not None:
+            operator.stop()
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = only_run(tmp_path)
     run_id = run_dir.name
@@ -411,13 +431,13 @@ def test_a_volcano_job_restarts_from_the_claim_and_volcano_starts_no_pod_again(t
     for rank in (0, 1):
         info = (run_dir / "attempts" / "2" / "ranks" / f"rank_{rank}" / "log" / "info.log").read_text()
         assert re.findall(r"step:\[\s*(\d+)/", info) == [str(s) for s in range(9, 17)]
-    # Each pod was made once, by Volcano, for its attempt: one uid per name in everything the API stored.
+    # Each pod was made once, by its controller, for its attempt: one uid per name in all the API stored.
     uids: dict[str, set] = {}
-    for resource, obj in cluster.plane.stored(since):
+    for _, obj in cluster.plane.stored(since):
         if obj.get("kind") == "Pod" and obj["metadata"]["name"].startswith(run_id):
             uids.setdefault(obj["metadata"]["name"], set()).add(obj["metadata"]["uid"])
-    assert sorted(uids) == [f"{run_id}-a2-rank-0-0", f"{run_id}-a2-rank-1-0", f"{run_id}-rank-0-0",
-                            f"{run_id}-rank-1-0"], uids
+    assert sorted(uids) == sorted(f"{attempt}-{pod}" for attempt in (run_id, f"{run_id}-a2")
+                                  for pod in CONTROLLED[kind]), uids
     assert all(len(made) == 1 for made in uids.values()), uids
     assert_nothing_left(cluster, run_id)
     assert_nothing_left(cluster, f"{run_id}-a2")

@@ -5,10 +5,10 @@ Volcano Job or AscendJob whose controller makes them, last), with names `<job>-<
 the label `launcher/run-id=<run id>` (objects.py), which a job's pod templates carry too. The run's
 pods are watched from one resourceVersion to the next, so no change is missed (podwatch.py). A per-rank
 pod's log (the log subresource) is its rank's console, and a node's pod's ranks write theirs to output/
-(consoles.py): they feed the live view, the stall watchdog and ranks/rank_N/console.log. The files under output/ are gathered from the run's folder
-runs/<run id>/ on the job's output PVC, mounted on this machine (--pvc-dir). Gathering through
-exec + tar (pods without a PVC) is not implemented: their checkpoints cannot be gathered.
-Deletion is explicit, object by object, by label, the job first so that its controller makes no new
+(consoles.py): they feed the live view, the stall watchdog and ranks/rank_N/console.log. The files
+under output/ are gathered from the run's folder runs/<run id>/ on the job's output PVC, mounted on
+this machine (--pvc-dir). Gathering through exec + tar (pods without a PVC) is not implemented: their
+checkpoints cannot be gathered. Deletion is explicit, object by object, by label, the job first so that its controller makes no new
 pods: it does not rely on the garbage collector following the ownerReferences.
 """
 
@@ -25,8 +25,8 @@ from launcher import gather, secret_env
 from launcher.backends.base import teardown_shield
 from launcher.backends.k8s.api import Target, api_client, api_message, finished_at, phase
 from launcher.backends.k8s.consoles import Consoles
-from launcher.backends.k8s.podwatch import PodWatch
 from launcher.backends.k8s.objects import CUSTOM, RUN_LABEL, RunPod, output_claim, run_objects, run_pods, set_owner
+from launcher.backends.k8s.podwatch import PodWatch
 from launcher.errors import BackendError
 from launcher.k8s_manifests import CLAIM_RUNS_DIR
 from launcher.liveview import LiveView
@@ -268,8 +268,10 @@ class KubeRun:
     def wait_gone(self, found: dict[str, list[str]]) -> list[str]:
         deadline = time.monotonic() + DELETE_WAIT
         while True:
-            left = [f"{kind} {name}" for kind, names in found.items() for name in names
-                    if name in self.names(kind)]
+            left = []
+            for kind, names in found.items():
+                present = set(self.names(kind)) if names else set()  # one list per kind, not per object
+                left += [f"{kind} {name}" for name in names if name in present]
             if not left or time.monotonic() > deadline:
                 return [f"still there {DELETE_WAIT}s after deletion: {', '.join(left)}"] if left else []
             time.sleep(0.5)
@@ -279,7 +281,7 @@ class KubeRun:
         (msrun's own output) into nodes/node-N/node.log, a scheduler's into nodes/scheduler.log."""
         for name, pod in self.run_pods.items():
             text = self.consoles.log(name)
-            streamed = self.consoles.mirrored_console(pod.ranks[0]) if pod.own_console else None
+            streamed = self.consoles.streamed_console(name, pod.ranks[0]) if pod.own_console else None
             if text is None and streamed is not None:  # the pod is gone (deleted, evicted): its streamed log
                 text = streamed.read_text(errors="replace")
             if text is None:

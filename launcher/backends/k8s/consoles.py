@@ -23,6 +23,10 @@ from launcher.plan import STATUS_DIR, LaunchPlan
 # A follow stream silent this long is opened again: a connection that died without a reset would
 # otherwise leave the live view (and the stall watchdog, whose shortest budget is 120 s) without steps.
 FOLLOW_IDLE_S = 60
+# A stream that ends cleanly ends with its container; the pod's phase says so only later (a kubelet
+# reports a second or more after). A pod still Running this long after its stream ended had its stream
+# closed early (a proxy, an apiserver restart), and it is opened again.
+REOPEN_AFTER_S = 15.0
 RETRY_S = 1.0
 STARTED = ("Running", "Succeeded", "Failed")
 
@@ -35,6 +39,7 @@ class Consoles:
         self.mirror_dir, self.claim_dir, self.request_timeout = mirror_dir, claim_dir, request_timeout
         self.mirrored: dict[str, int] = {}  # bytes of each mirrored file written so far
         self.streams: dict[str, threading.Thread] = {}
+        self.stream_ended: dict[str, float] = {}  # when each pod's last stream ended cleanly (monotonic)
         self.stream_error: BackendError | None = None
         self.closed = threading.Event()
 
@@ -71,10 +76,10 @@ class Consoles:
         path = self.on_claim(rel)
         return path.read_text(errors="replace") if path and path.is_file() else None
 
-    def mirrored_console(self, rank: int) -> Path | None:
-        """The rank's console as mirrored while the run was watched (a per-rank pod's streamed log)."""
+    def streamed_console(self, name: str, rank: int) -> Path | None:
+        """A per-rank pod's whole log, when this process streamed it to its end (the container ended)."""
         path = self.mirror_dir / self.plan.ranks[rank].info_log
-        return path if path.is_file() else None
+        return path if name in self.stream_ended and path.is_file() else None
 
     # --- the mirror --------------------------------------------------------------------------------
 
@@ -116,9 +121,10 @@ class Consoles:
         self.mirrored[rel] = start + len(data)
 
     def follow(self, name: str, rel: str, pod_phase: str | None) -> None:
-        """Start the pod's follow stream: once, and again while the pod runs if its stream ended early."""
+        """Start the pod's follow stream: once, and again if the pod runs on long after it ended."""
         thread = self.streams.get(name)
-        if thread is not None and (thread.is_alive() or pod_phase != "Running"):
+        if thread is not None and (thread.is_alive() or pod_phase != "Running"
+                                   or time.monotonic() - self.stream_ended.get(name, 0.0) < REOPEN_AFTER_S):
             return
         thread = threading.Thread(target=self._stream, args=(name, rel), name=f"log {name}", daemon=True)
         self.streams[name] = thread
@@ -143,6 +149,7 @@ class Consoles:
                             return
                 finally:
                     resp.release_conn()
+                self.stream_ended[name] = time.monotonic()
                 return
             except ApiException as exc:
                 if exc.status == 404:  # the pod is gone
