@@ -127,6 +127,8 @@ def test_unschedulable_pods_are_reported_and_deleted(tmp_path, cluster, tiny_dat
     assert "FailedScheduling: pod group is not ready, 2 Pending, 2 minAvailable; Pending: 2 Unschedulable" \
         in result.stderr
     assert "every object of the run was deleted" in result.stderr
+    failure = json.loads((only_run(tmp_path) / "run.json").read_text())["failure"]
+    assert failure["kind"] == "pod_unschedulable", failure
     assert_nothing_left(cluster, only_run(tmp_path).name)
 
 
@@ -427,6 +429,7 @@ def test_a_job_restarts_from_the_claim_and_its_controller_starts_no_pod_again(tm
     assert (run["attempts"], run["state"]) == (2, "succeeded"), run
     first, second = run["attempt_records"]
     assert first["state"] == "failed" and first["failed_rank"] == 1, first
+    assert first["failure"]["kind"] == "out_of_memory", first  # exit 137: SIGKILL, as the OOM killer sends
     assert second["resumed_from"]["step"] == 8, second
     for rank in (0, 1):
         info = (run_dir / "attempts" / "2" / "ranks" / f"rank_{rank}" / "log" / "info.log").read_text()
