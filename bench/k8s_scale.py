@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import statistics
 import sys
@@ -156,11 +155,9 @@ def kind_of(event: dict) -> str:
     return "other"
 
 
-def admin_requests(audit_log: Path, since: int) -> Counter:
+def admin_requests(plane, since: int) -> Counter:
     """The kind of every request the launcher's user (admin) made, from byte offset since on."""
-    with audit_log.open("rb") as f:
-        f.seek(since)
-        events = [json.loads(line) for line in f.read().decode().splitlines()]
+    events = plane.audit_events(since)
     # One request has a ResponseStarted event if it streams (watch, log follow) and a ResponseComplete
     # one when it ends: count it once, by its audit ID, even if its stream is still closing.
     found = {e["auditID"]: kind_of(e) for e in events
@@ -176,15 +173,14 @@ def one_up(cluster, runs: Path, ranks: int) -> tuple[float, Counter]:
     record = RunRecord(run_id, plan.job_name, "k8s", "starting", time.time())
     target = Target(kubeconfig=str(cluster.kubeconfig), namespace="default",
                     pvc_dir=str(cluster.runner.pvc_dir(CLAIM)))
-    audit_log = cluster.plane.audit_log
-    since = audit_log.stat().st_size
+    since = cluster.plane.audit_log.stat().st_size
     start = time.perf_counter()
     record, problems = execute(plan, run_dir, record, Console(file=io.StringIO()), target, replace=False,
                                pending_timeout=300)
     seconds = time.perf_counter() - start
     if record.state != "succeeded" or problems:
         raise SystemExit(f"{ranks} pods: the run {record.state}: {record.message} {problems[:3]}")
-    return seconds, admin_requests(audit_log, since)
+    return seconds, admin_requests(cluster.plane, since)
 
 
 def bench_requests() -> None:

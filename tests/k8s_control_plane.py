@@ -240,15 +240,17 @@ class ControlPlane:
 
         return config.new_client_from_config(config_file=str(self.kubeconfig(user)))
 
+    def audit_events(self, since: int = 0) -> list[dict]:
+        """Every event of the apiserver's audit log from byte offset since on."""
+        with self.audit_log.open("rb") as f:
+            f.seek(since)
+            return [json.loads(line) for line in f.read().decode().splitlines()]
+
     def stored(self, since: int = 0) -> list[tuple[str, dict]]:
         """(resource, object) for every object a create, update or patch returned, from the audit log
         (from byte offset since on)."""
         found = []
-        with self.audit_log.open("rb") as f:
-            f.seek(since)
-            lines = f.read().decode().splitlines()
-        for line in lines:
-            event = json.loads(line)
+        for event in self.audit_events(since):
             obj, ref = event.get("responseObject"), event.get("objectRef") or {}
             if (event.get("verb") in ("create", "update", "patch") and isinstance(obj, dict) and "metadata" in obj
                     and event.get("stage") == "ResponseComplete"):
@@ -257,11 +259,8 @@ class ControlPlane:
 
     def requests(self, since: int = 0, user: str = "admin") -> list[tuple[str, str]]:
         """(verb, resource) of every request user made, from the audit log (from byte offset since on)."""
-        with self.audit_log.open("rb") as f:
-            f.seek(since)
-            events = [json.loads(line) for line in f.read().decode().splitlines()]
         return [(e["verb"], (e.get("objectRef") or {}).get("resource", e.get("requestURI", "")))
-                for e in events if e.get("stage") == "ResponseComplete" and e["user"]["username"] == user]
+                for e in self.audit_events(since) if e.get("stage") == "ResponseComplete" and e["user"]["username"] == user]
 
     def logs(self) -> str:
         """The tail of each component's log, for a failure message."""

@@ -8,7 +8,6 @@ default namespace, so the next test meets an empty cluster; the nodes stay for t
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -57,10 +56,7 @@ class Cluster:
 
     def log_requests(self, pod: str, user: str = "admin") -> list[str]:
         """The request URI of every read of a pod's log by user since this cluster was made (audit log)."""
-        with self.plane.audit_log.open("rb") as f:
-            f.seek(self._audit_start)
-            events = [json.loads(line) for line in f.read().decode().splitlines()]
-        return [e["requestURI"] for e in events if e["stage"] == "ResponseComplete" and e["user"]["username"] == user
+        return [e["requestURI"] for e in self.plane.audit_events(self._audit_start) if e["stage"] == "ResponseComplete" and e["user"]["username"] == user
                 and (e.get("objectRef") or {}).get("subresource") == "log"
                 and (e.get("objectRef") or {}).get("name") == pod]
 

@@ -542,13 +542,8 @@ def test_kubeconfig_context_and_namespace_options_choose_the_cluster(tmp_path, c
 
 def bindings(cluster) -> dict[str, str]:
     """Pod name -> node of every binding vc-scheduler made since the cluster was made (the audit log)."""
-    import json
-
-    with cluster.plane.audit_log.open("rb") as f:
-        f.seek(cluster._audit_start)
-        events = [json.loads(line) for line in f.read().decode().splitlines()]
-    return {e["objectRef"]["name"]: e["requestObject"]["target"]["name"] for e in events
-            if e.get("stage") == "ResponseComplete" and e["user"]["username"] == "volcano"
+    return {e["objectRef"]["name"]: e["requestObject"]["target"]["name"]
+            for e in cluster.plane.audit_events(cluster._audit_start) if e.get("stage") == "ResponseComplete" and e["user"]["username"] == "volcano"
             and (e.get("objectRef") or {}).get("subresource") == "binding" and e["responseStatus"]["code"] < 300}
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.errors import BackendError
+from launcher.k8s_manifests import CLAIM_RUNS_DIR
 from launcher.runs import TARGET_FILE
 
 RANK_CONTAINER = "ascend"  # the container that runs the rank (k8s_manifests._rank_pods)
@@ -21,6 +22,10 @@ class Target:
     context: str | None = None
     namespace: str | None = None
     pvc_dir: str | None = None  # where the job's output PVC is mounted on this machine
+
+    def claim_folder(self, run_id: str) -> Path | None:
+        """The run's own folder on the claim as mounted here (the pods' output/), with --pvc-dir."""
+        return Path(self.pvc_dir) / CLAIM_RUNS_DIR / run_id if self.pvc_dir else None
 
     def save(self, run_dir: Path) -> None:
         (run_dir / TARGET_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -15,7 +15,6 @@ from launcher.backends.k8s.cluster import KubeRun, execute, reconnect
 from launcher.backends.k8s.podwatch import WATCH_SECONDS
 from launcher.backends.k8s.objects import run_objects, run_pods
 from launcher.errors import ConfigError, LauncherError
-from launcher.k8s_manifests import CLAIM_RUNS_DIR
 from launcher.liveview import LiveView
 from launcher.plan import LaunchPlan
 from launcher.runs import MIRROR_DIR, OUTPUT_DIR, RESUME_DIR, RUN_DATA_DIR, RunRecord
@@ -88,7 +87,7 @@ def stage_resume(run_dir: Path, record: RunRecord, target: Target) -> None:
         return
     if not target.pvc_dir:
         raise ConfigError("resume: the checkpoint to resume from goes onto the claim; pass --pvc-dir")
-    dest = Path(target.pvc_dir) / CLAIM_RUNS_DIR / record.run_id / RESUME_DIR
+    dest = target.claim_folder(record.run_id) / RESUME_DIR
     for path in sorted(p for p in staged.rglob("*") if p.is_file()):
         gather.copy_verified(path, dest / path.relative_to(staged))
 

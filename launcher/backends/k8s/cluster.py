@@ -8,8 +8,8 @@ pod's log (the log subresource) is its rank's console, and a node's pod's ranks 
 (consoles.py): they feed the live view, the stall watchdog and ranks/rank_N/console.log. The files
 under output/ are gathered from the run's folder runs/<run id>/ on the job's output PVC, mounted on
 this machine (--pvc-dir). Gathering through exec + tar (pods without a PVC) is not implemented: their
-checkpoints cannot be gathered. Deletion is explicit, object by object, by label, the job first so that its controller makes no new
-pods: it does not rely on the garbage collector following the ownerReferences.
+checkpoints cannot be gathered. Deletion is explicit, object by object, by label, the job first so that
+its controller makes no new pods: it does not rely on the garbage collector following the ownerReferences.
 """
 
 from __future__ import annotations
@@ -60,8 +60,7 @@ class KubeRun:
         self.watcher = PodWatch(self.core, self.ns, self.selector, self.api.configuration.host, REQUEST_TIMEOUT)
         self.failed_rank: int | None = None
         self.stalled: Stall | None = None  # the stall watchdog's finding, when it ended the watch
-        claim_dir = (Path(target.pvc_dir) / CLAIM_RUNS_DIR / record.run_id
-                     if target.pvc_dir and self.claim is not None else None)
+        claim_dir = target.claim_folder(record.run_id) if self.claim is not None else None
         self.consoles = Consoles(self.core, self.ns, plan, self.run_pods, run_dir / MIRROR_DIR, claim_dir,
                                  REQUEST_TIMEOUT)
 
@@ -217,7 +216,7 @@ class KubeRun:
         if len(pod.ranks) <= 1:
             return pod.ranks[0] if pod.ranks else None
         for rank in pod.ranks:
-            code = self.run_dir / MIRROR_DIR / STATUS_DIR / f"rank_{rank}.exit"
+            code = self.consoles.mirror_dir / STATUS_DIR / f"rank_{rank}.exit"
             if code.is_file() and code.read_text().strip() not in ("", "0"):
                 return rank
         return pod.ranks[0]
@@ -246,7 +245,7 @@ class KubeRun:
         return next(pod for pod in self.run_pods.values() if rank in pod.ranks)
 
     def console(self, rank: int) -> str | None:
-        return self.consoles.console(rank)
+        return self.consoles.console(self.pod_of_rank(rank), rank)
 
     def mirror(self, pods: dict, follow: bool = False) -> Path:
         return self.consoles.mirror(pods, follow)
@@ -307,7 +306,7 @@ class KubeRun:
         claim_root = Path(self.target.pvc_dir)
         if not claim_root.is_dir():
             return [f"--pvc-dir {claim_root} is not a directory; the ranks' output/ was not gathered"]
-        root = claim_root / CLAIM_RUNS_DIR / self.record.run_id  # the run's own folder (k8s_manifests._container)
+        root = self.target.claim_folder(self.record.run_id)  # the run's own folder (k8s_manifests._container)
         if not root.is_dir():
             return ([f"the claim has no {CLAIM_RUNS_DIR}/{self.record.run_id}/ at --pvc-dir {claim_root}: the pods "
                      "wrote no output there; check that --pvc-dir is where the claim is mounted"]

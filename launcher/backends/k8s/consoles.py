@@ -61,9 +61,8 @@ class Consoles:
             raise BackendError(f"log of {name}: cannot reach the Kubernetes API: {exc}") from None
         return resp.data.decode(errors="replace")
 
-    def console(self, rank: int) -> str | None:
+    def console(self, pod: RunPod, rank: int) -> str | None:
         """The rank's console so far: its pod's log, or the file msrun's worker writes on the claim."""
-        pod = next(pod for pod in self.run_pods.values() if rank in pod.ranks)
         if pod.own_console:
             return self.log(pod.name)
         return self.read_claim(self.plan.ranks[rank].console_log)
