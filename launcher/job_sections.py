@@ -154,8 +154,13 @@ class Node(Strict):
             return None
 
 
+_JUMP_RE = re.compile(r"^([^@\s,]+@)?[^@:\s,]+(:\d{1,5})?$")
+
+
 class Ssh(Strict):
     user: str | None = None
+    jump: str | None = Field(None, description="[user@]host[:port] of a login node every node is reached through "
+                                               "(SSH tunnelling); default: ProxyJump from ~/.ssh/config")
     identity_file: str | None = None
     known_hosts: str | None = Field(None, description="default ~/.ssh/known_hosts; host keys are always checked")
     workdir: str = Field("launcher-runs", description="on each node; relative paths are under the SSH user's home")
@@ -164,6 +169,13 @@ class Ssh(Strict):
     command_timeout: float = Field(120, gt=0)
     node_lost_after: float = Field(30, gt=0, description="seconds without an answer before a node counts as lost")
     min_free_mb: int = Field(1024, ge=0)
+
+    @field_validator("jump")
+    @classmethod
+    def _jump(cls, v: str | None) -> str | None:
+        if v is not None and not _JUMP_RE.match(v):
+            raise ValueError("write the jump host as user@host or user@host:port")
+        return v
 
 
 _LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")

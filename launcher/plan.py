@@ -69,6 +69,8 @@ class SshOptions:
     command_timeout: float
     node_lost_after: float
     min_free_mb: int
+    jump: str | None = None  # [user@]host[:port] the nodes are reached through
+    identity_file: str | None = None  # cluster.ssh's, also offered to the jump host
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,6 @@ def _bind_core(job: Job) -> bool:
 def _ssh_options(job: Job) -> SshOptions:
     ssh = job.cluster.ssh
     return SshOptions(
-        known_hosts=ssh.known_hosts, path_prefix=tuple(ssh.path_prefix), connect_timeout=ssh.connect_timeout,
+        known_hosts=ssh.known_hosts, jump=ssh.jump, identity_file=ssh.identity_file, path_prefix=tuple(ssh.path_prefix), connect_timeout=ssh.connect_timeout,
         command_timeout=ssh.command_timeout, node_lost_after=ssh.node_lost_after, min_free_mb=ssh.min_free_mb,
     )

@@ -93,7 +93,7 @@ class Backend:
     # -- the job and the launcher -------------------------------------------------------------------------
     def job(self, dataset, launch: str = "msrun", env: dict | None = None, long: bool = False) -> Path:
         data = yaml.safe_load((EXAMPLES / self.example).read_text())
-        data["dataset"]["path"] = str(dataset)
+        data["dataset"]["path"] = self.dataset_path(Path(dataset))
         data["cluster"].update(launch=launch, master_port=free_port())
         self.configure(data["cluster"])
         if env:
@@ -107,6 +107,10 @@ class Backend:
 
     def configure(self, cluster: dict) -> None:
         pass
+
+    def dataset_path(self, dataset: Path) -> str:
+        """Where the ranks read the dataset."""
+        return str(dataset)
 
     def env(self) -> dict | None:
         return None
@@ -219,7 +223,8 @@ def kill_listed(lines: list[str]) -> None:
 
 
 class Ssh(Backend):
-    """Two hosts of sshcluster.py; the nodes' work directories are on this machine's disk."""
+    """Two hosts of sshcluster.py, each with its own disk: the example's work directory and a copy of the
+    dataset on each, read here through the host's root."""
 
     name = "ssh"
     example = "tiny-lora-ssh.yaml"
@@ -240,14 +245,16 @@ class Ssh(Backend):
 
     def configure(self, cluster):
         cluster["ssh"].update(identity_file=str(self.cluster.identity_file),
-                              known_hosts=str(self.cluster.known_hosts), path_prefix=[VENV_BIN],
-                              workdir=str(self.tmp_path / "nodes" / "default"))
-        for i, (node, host) in enumerate(zip(cluster["nodes"], self.cluster.hosts)):
-            node["host"] = host.address
-            node["workdir"] = str(self.node_dir(i))  # the hosts share this machine's disk
+                              known_hosts=str(self.cluster.known_hosts), path_prefix=[VENV_BIN])
+        for node, host in zip(cluster["nodes"], self.cluster.hosts):
+            node["host"] = host.address  # each node's work directory: the example's, sshcluster.WORKDIR
+
+    def dataset_path(self, dataset):
+        return self.cluster.place_dataset(dataset)
 
     def node_dir(self, node: int, run_id: str = "") -> Path:
-        return self.tmp_path / "nodes" / f"node{node}" / run_id
+        """A node's run directory on its own disk, as this machine reaches it."""
+        return self.cluster.hosts[node].path(sshcluster.WORKDIR) / run_id
 
     def check_resume_staged(self, run_id, resumed_from):
         # Each node was given only its own rank's checkpoint to resume from.
@@ -256,11 +263,11 @@ class Ssh(Backend):
             assert sorted(p.name for p in staged.iterdir()) == [f"rank_{rank}"], staged
 
     def rank_logs(self):
-        return list((self.tmp_path / "nodes").glob("node*/*/output/log/rank_*/info.log"))
+        return [log for i in range(2) for log in self.node_dir(i).glob("*/output/log/rank_*/info.log")]
 
     def processes(self, run_id):
-        return outside_processes(run_id, roots=[self.node_dir(i, run_id) for i in range(2)],
-                                 namespaces=set(self.namespaces))
+        # The run directory as the processes on the hosts see it (their working directory).
+        return outside_processes(run_id, roots=[f"{sshcluster.WORKDIR}/{run_id}"], namespaces=set(self.namespaces))
 
     def assert_seen_running(self, run_id):
         found = self.processes(run_id)
@@ -279,8 +286,7 @@ class Ssh(Backend):
     def spawn_unmarked(self, run_id):
         host = self.cluster.hosts[1]
         self.node_dir(1, run_id).mkdir(parents=True)
-        proc = subprocess.Popen(["ip", "netns", "exec", host.netns, "nsenter", f"--target={host.sshd_pid()}",
-                                 "--pid", "--mount", f"--wd={self.node_dir(1, run_id)}", "env", "-i", "sleep", "300"],
+        proc = subprocess.Popen(host.enter_argv("env", "-i", "sleep", "300", cwd=f"{sshcluster.WORKDIR}/{run_id}"),
                                 env=scrubbed_env(), start_new_session=True)
         self.started.append(proc)
         return proc

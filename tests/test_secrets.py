@@ -337,17 +337,21 @@ def ssh_cluster(tmp_path):
 @pytest.mark.e2e
 def test_ssh_ranks_get_the_values_over_the_channel_and_no_node_keeps_them(tmp_path, ssh_cluster, tiny_dataset,
                                                                           secrets):
+    import sshcluster
     from test_e2e_ssh import write_job
 
     job = write_job(tmp_path, ssh_cluster, tiny_dataset)
     job.write_text(yaml.safe_dump({**yaml.safe_load(job.read_text()), "secret_env": secrets.section}))
     # The hosts' PID namespaces are children of this one: their ranks are in this /proc too.
-    out, err = up_watching_ranks(tmp_path, [job], secrets.env, [tmp_path / "nodes"], secrets.values)
+    out, err = up_watching_ranks(tmp_path, [job], secrets.env, [sshcluster.WORKDIR], secrets.values)
     run_dir = only_run(tmp_path)
-    for node in ("node0", "node1"):
-        start = (tmp_path / "nodes" / node / run_dir.name / "start.sh").read_text()
+    # Each host's own disk, whole: its work directory, home and /tmp.
+    disks = [host.path(where) for host in ssh_cluster.hosts for where in ("/srv", "/tmp")]
+    disks += [p for host in ssh_cluster.hosts for p in host.path("/root").iterdir() if p.name != ".pyenv"]
+    for host in ssh_cluster.hosts:
+        start = (host.path(sshcluster.WORKDIR) / run_dir.name / "start.sh").read_text()
         assert "arrives on standard input" in start
-    assert leaks_in_files([run_dir, tmp_path / "nodes"], secrets.values) == []
+    assert leaks_in_files([run_dir, *disks], secrets.values) == []
     assert leaks_in_text(out + err, secrets.values) == []
     assert rendered_leaks(tmp_path, job, secrets) == []
 

@@ -151,9 +151,11 @@ def _port_free(port):
     return True
 
 
-def preflight(workdir, job, port, min_free_mb):
-    """What this node offers the job: tools, versions, a writable workdir with room, port, stale processes."""
+def preflight(workdir, job, port, min_free_mb, dataset=None):
+    """What this node offers the job: tools, versions, a writable workdir with room, port, stale processes,
+    and the dataset the job reads from this node's disk."""
     report = {
+        "dataset_readable": os.access(dataset, os.R_OK) if dataset else None,
         "python": sys.executable,
         "msrun": shutil.which("msrun"),
         "mindspore": _version("mindspore"),
@@ -193,6 +195,7 @@ def main(argv=None):
     p.add_argument("--job", required=True)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--min-free-mb", type=int, default=1024)
+    p.add_argument("--dataset", help="the dataset's path on this node, when the job reads it from here")
     p = sub.add_parser("stop", help="stop every process of a run")
     p.add_argument("run_id")
     p.add_argument("--grace", type=float, default=10.0)
@@ -210,7 +213,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "preflight":
-        result = preflight(args.workdir, args.job, args.port, args.min_free_mb)
+        result = preflight(args.workdir, args.job, args.port, args.min_free_mb, args.dataset)
     elif args.command == "stop":
         result = {"left": stop_run(args.run_id, grace=args.grace)}
     elif args.command == "kill-job":

@@ -7,6 +7,7 @@ import posixpath
 import time
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
 from launcher import ascend
@@ -20,7 +21,7 @@ from launcher.backends.ssh.session import (
     failures_in_order,
 )
 from launcher.errors import BackendError, ConfigError, TransportError
-from launcher.plan import LaunchPlan
+from launcher.plan import CONFIG_PATH, LaunchPlan
 from launcher.runs import RunRecord
 
 
@@ -53,7 +54,16 @@ async def discover(run: SshRun) -> dict[int, list[str]]:
     return {s.step.index: ips for s, ips in zip(run.nodes, results)}
 
 
+def node_dataset(plan: LaunchPlan) -> str | None:
+    """The dataset path each node reads from its own disk; None when the run carries its data (data/...)."""
+    config = yaml.safe_load(plan.artifacts[CONFIG_PATH])
+    path = ((config.get("train_dataset") or {}).get("data_loader") or {}).get("dataset_dir")
+    return path if isinstance(path, str) and posixpath.isabs(path) else None
+
+
 async def preflight(run: SshRun) -> None:
+    dataset = node_dataset(run.plan)
+
     async def one(state: NodeState) -> dict:
         node, workdir = state.node, state.step.workdir
         await node.call(node.sftp.makedirs(workdir, exist_ok=True), f"mkdir {workdir}")
@@ -61,6 +71,8 @@ async def preflight(run: SshRun) -> None:
         port = run.plan.master_port if state.step.node_rank == 0 else 0
         args = ["preflight", "--workdir", workdir, "--job", run.plan.job_name, "--port", str(port),
                 "--min-free-mb", str(run.opts.min_free_mb)]
+        if dataset:
+            args += ["--dataset", dataset]
         try:
             report = await run.nodectl(state, *args)
         except TransportError as exc:
@@ -102,6 +114,8 @@ def judge(run: SshRun, state: NodeState, report: dict) -> list[str]:
     if not report["mindspore"] or not report["mindformers"]:
         problems.append(f"mindspore/mindformers not installed for {report['python']}; "
                         "set cluster.ssh.path_prefix to the environment that has them")
+    if report.get("dataset_readable") is False:
+        problems.append(f"dataset {node_dataset(run.plan)} is missing or not readable by the SSH user")
     if run.plan.launch == "msrun" and not report["msrun"]:
         problems.append("msrun is not on PATH; set cluster.ssh.path_prefix")
     if not report["workdir_writable"]:

@@ -32,6 +32,7 @@ NODECTL = "nodectl.py"
 POLL_SECONDS = 1.0
 STOP_GRACE = 10.0
 STOPPED_EXIT = 143  # 128 + SIGTERM: what a shell reports for a script stopped by the launcher
+VANISHED_EXIT = 255  # the node script is gone and wrote no exit code (killed, or it never started)
 NODECTL_SOURCE = Path(nodectl.__file__)
 
 
@@ -45,6 +46,7 @@ class NodeState:
     lost: bool = False
     error: Exception | None = None
     offsets: dict[str, int] = field(default_factory=dict)
+    script_pid: int | None = None  # the node script's pid on the node (node.pid)
 
 
 def remote_run_dir(step: NodeStep, run_id: str) -> str:
@@ -63,16 +65,20 @@ class SshRun:
         self.nodes = [NodeState(step) for step in plan.nodes]
         self.stop_requested = asyncio.Event()
         self.stalled = None  # the stall watchdog's finding, when it ended the watch
+        self.connector: transport.Connector | None = None
 
     # --- connections -------------------------------------------------------------------------
 
     async def connect_all(self, strict: bool = True) -> None:
         """Connect to every node. strict: any failure is an error; else unreachable nodes count as lost."""
+        self.connector = transport.Connector(self.opts.known_hosts, self.opts.connect_timeout,
+                                             self.opts.command_timeout, self.accept_new, self.opts.jump,
+                                             self.opts.identity_file)
+
         async def one(state: NodeState) -> bool:
             step = state.step
             endpoint = transport.Endpoint(step.host, step.port, step.user, step.identity_file)
-            state.node = await transport.connect(endpoint, self.opts.known_hosts, self.opts.connect_timeout,
-                                                 self.opts.command_timeout, self.accept_new)
+            state.node = await self.connector.node(endpoint)
             path = (await state.node.run(["printenv", "PATH"], check=False)).strip()
             state.remote_path = ":".join([*self.opts.path_prefix, path or "/usr/local/bin:/usr/bin:/bin"])
             return True
@@ -89,6 +95,8 @@ class SshRun:
         for state in self.nodes:
             if state.node:
                 state.node.close()
+        if self.connector:
+            self.connector.close()  # the jump hosts, after the connections through them
 
     def per_node(self, what: str, errors: list[Exception]) -> str:
         lines = [f"{what} {len(errors)} of {len(self.nodes)} nodes:"]
@@ -154,7 +162,19 @@ class SshRun:
 
         _, errors = await transport.gather_results(stage(s) for s in self.nodes)
         if errors:
+            await self.unstage()
             raise BackendError(self.per_node("could not stage the run on", errors) + "\nnothing was started")
+
+    async def unstage(self) -> None:
+        """Remove what staging left on every node, renamed or not: no node keeps part of a run that never ran."""
+
+        async def one(state: NodeState) -> None:
+            step, node = state.step, state.node
+            for path in (posixpath.join(step.workdir, f".{self.record.run_id}.staging"),
+                         remote_run_dir(step, self.record.run_id)):
+                await node.call(node.sftp.rmtree(path, ignore_errors=True), f"remove {path}")
+
+        await transport.gather_results(one(s) for s in self.nodes if s.node)
 
     async def start(self) -> None:
         # The secret values travel in the start command's standard input, over the SSH channel.
@@ -190,6 +210,20 @@ class SshRun:
         text = await node.call(node.read_from(posixpath.join(base, "node.exit"), 0), "read node.exit", timeout)
         if text.strip():
             state.exit_code = int(text.strip())
+        elif not await self.node_script_alive(state, timeout):
+            # Gone without writing node.exit (killed, or it could not start): look once more, then fail it.
+            text = await node.call(node.read_from(posixpath.join(base, "node.exit"), 0), "read node.exit", timeout)
+            state.exit_code = int(text.strip()) if text.strip() else VANISHED_EXIT
+
+    async def node_script_alive(self, state: NodeState, timeout: float) -> bool:
+        """Whether the node script (node.pid) still runs: its /proc entry, looked up over SFTP."""
+        node, base = state.node, remote_run_dir(state.step, self.record.run_id)
+        if not state.script_pid:
+            text = await node.call(node.read_from(posixpath.join(base, "node.pid"), 0), "read node.pid", timeout)
+            if not text.strip():
+                return True  # not written yet
+            state.script_pid = int(text.strip())
+        return await node.call(node.exists(f"/proc/{state.script_pid}"), "look up the node script", timeout)
 
     async def watch(self) -> str:
         """Until every node ends, one fails, a node is lost, or the user stops. Returns the outcome."""

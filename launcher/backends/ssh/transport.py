@@ -31,6 +31,7 @@ class Endpoint:
     port: int | None = None
     user: str | None = None
     identity_file: str | None = None
+    jump: str | None = None  # [user@]host[:port][,...]; else ProxyJump from ~/.ssh/config
 
 
 class Node:
@@ -39,6 +40,7 @@ class Node:
     def __init__(self, endpoint: Endpoint, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
                  timeout: float):
         self.endpoint, self.conn, self.sftp, self.timeout = endpoint, conn, sftp, timeout
+        self.connector: Connector | None = None  # set when the node owns its connector (its jump hosts)
 
     @property
     def host(self) -> str:
@@ -88,79 +90,180 @@ class Node:
         except asyncssh.SFTPNoSuchFile:
             return b""
 
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.sftp.stat(path)
+        except asyncssh.SFTPNoSuchFile:
+            return False
+        return True
+
     def close(self) -> None:
         self.conn.close()
+        if self.connector:
+            self.connector.close()
 
 
 def _known_hosts_path(known_hosts: str | None) -> Path:
     return Path(os.path.expanduser(known_hosts or DEFAULT_KNOWN_HOSTS))
 
 
-def _host_pattern(endpoint: Endpoint) -> str:
-    port = endpoint.port or 22
-    return endpoint.host if port == 22 else f"[{endpoint.host}]:{port}"
+@dataclass(frozen=True)
+class Target:
+    """Where an endpoint leads once ~/.ssh/config has filled in what the job leaves unset (HostName, Port,
+    User, ProxyJump, HostKeyAlias), as asyncssh itself reads it."""
+
+    host: str
+    port: int
+    user: str | None
+    jump: str | None  # [user@]host[:port][,...] to tunnel through, in order
+    key_name: str  # the name its key has in known_hosts
+
+    @property
+    def pattern(self) -> str:
+        return self.key_name if self.port == 22 else f"[{self.key_name}]:{self.port}"
 
 
-def _known_keys(path: Path, endpoint: Endpoint) -> int:
+def resolve(endpoint: Endpoint) -> Target:
+    options = asyncssh.SSHClientConnectionOptions(
+        host=endpoint.host, port=endpoint.port or (), username=endpoint.user or (), config=(), known_hosts=None,
+        client_keys=None)
+    jump = endpoint.jump or (options.tunnel if isinstance(options.tunnel, str) else None)
+    if jump and jump.lower() == "none":  # ProxyJump none: connect directly
+        jump = None
+    return Target(options.host, options.port, endpoint.user or options.username, jump,
+                  options.host_key_alias or options.host)
+
+
+def parse_jump(hop: str) -> Endpoint:
+    """One hop of a jump spec: [user@]host[:port] (the host may be an alias of ~/.ssh/config)."""
+    user, _, address = hop.rpartition("@")
+    host, _, port = address.partition(":")
+    return Endpoint(host, int(port) if port else None, user or None)
+
+
+def _known_keys(path: Path, target: Target) -> int:
     if not path.is_file():
         return 0
-    trusted = asyncssh.read_known_hosts(str(path)).match(endpoint.host, "", endpoint.port or 22)
+    trusted = asyncssh.read_known_hosts(str(path)).match(target.key_name, "", target.port)
     return len(trusted[0]) + len(trusted[3])
+
+
+class Connector:
+    """Opens node connections with one set of options: every host key (jump hosts too) checked against
+    one known_hosts file, and each jump host logged in to once however many nodes are behind it."""
+
+    def __init__(self, known_hosts: str | None, connect_timeout: float, command_timeout: float,
+                 accept_new: bool = False, jump: str | None = None, jump_identity_file: str | None = None):
+        self.path = _known_hosts_path(known_hosts)
+        # The jump host is offered the job's key (cluster.ssh.identity_file), and ~/.ssh/config's for it.
+        self.jump_keys = [os.path.expanduser(jump_identity_file)] if jump_identity_file else ()
+        self.connect_timeout, self.command_timeout = connect_timeout, command_timeout
+        self.accept_new, self.jump = accept_new, jump
+        self.tunnels: dict[str, asyncio.Future] = {}
+
+    async def node(self, endpoint: Endpoint) -> Node:
+        target = resolve(Endpoint(endpoint.host, endpoint.port, endpoint.user, endpoint.identity_file,
+                                  endpoint.jump or self.jump))
+        argv = ["ssh", target.pattern]
+        tunnel = None
+        if target.jump:
+            try:
+                tunnel = await self._tunnel(target.jump)
+            except TransportError as exc:
+                raise TransportError(endpoint.host, argv, None, exc.stderr_tail) from None
+        keys = [os.path.expanduser(endpoint.identity_file)] if endpoint.identity_file else ()
+        conn = await self._open(target, endpoint.host, keys, tunnel)
+        try:
+            sftp = await asyncio.wait_for(conn.start_sftp_client(), self.command_timeout)
+        except (asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
+            conn.close()
+            raise TransportError(endpoint.host, ["sftp"], None, f"cannot start SFTP: {exc}") from None
+        return Node(endpoint, conn, sftp, self.command_timeout)
+
+    async def _tunnel(self, spec: str) -> asyncssh.SSHClientConnection:
+        """The connection to the last hop of spec (each hop reached through the one before), made once."""
+        if spec not in self.tunnels:
+            self.tunnels[spec] = asyncio.ensure_future(self._open_hops(spec))
+        return await asyncio.shield(self.tunnels[spec])
+
+    async def _open_hops(self, spec: str) -> asyncssh.SSHClientConnection:
+        conn = None
+        for hop in spec.split(","):
+            endpoint = parse_jump(hop.strip())
+            target = resolve(endpoint)
+            try:
+                conn = await self._open(target, endpoint.host, self.jump_keys, conn)
+            except TransportError as exc:
+                raise TransportError(endpoint.host, exc.argv, None, f"jump host {hop}: {exc.stderr_tail}") from None
+        return conn
+
+    async def _open(self, target: Target, name: str, client_keys, tunnel) -> asyncssh.SSHClientConnection:
+        """A connection to name (resolved as target), its host key checked, or accepted with consent."""
+        options = dict(
+            port=target.port,
+            username=target.user or (),
+            client_keys=client_keys,
+            # An empty trust list (never None, which would switch checking off) when there is no file yet.
+            known_hosts=str(self.path) if self.path.is_file() else ([], [], []),
+            tunnel=tunnel,  # None: no jump host (also when ~/.ssh/config says ProxyJump none)
+            connect_timeout=self.connect_timeout,
+            # AES-GCM first: with AES instructions it is the cheapest cipher to decrypt gathered checkpoints.
+            encryption_algs=PREFERRED_CIPHERS,
+            keepalive_interval=max(1.0, self.connect_timeout / 3),
+            keepalive_count_max=3,
+        )
+        argv = ["ssh", target.pattern]
+        try:
+            # The name as the job gives it, so that its ~/.ssh/config block (IdentityFile, HostName) applies.
+            return await asyncio.wait_for(asyncssh.connect(name, **options), self.connect_timeout + 5)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            if _known_keys(self.path, target):
+                raise TransportError(
+                    name, argv, None,
+                    f"host key does not match {self.path} ({exc.reason}); if the host was reinstalled, remove the "
+                    f"old key with: ssh-keygen -R {target.pattern} -f {self.path}",
+                ) from None
+            if not self.accept_new:
+                raise TransportError(
+                    name, argv, None,
+                    f"host key of {target.pattern} is not in {self.path}; check it and add it (ssh-keyscan), "
+                    "or pass --accept-new-host-keys",
+                ) from None
+        except asyncio.TimeoutError:
+            raise TransportError(name, argv, None, f"no answer within {self.connect_timeout:.0f}s") from None
+        except (OSError, asyncssh.Error) as exc:
+            raise TransportError(name, argv, None, str(exc) or exc.__class__.__name__) from None
+        await self._accept_new_key(target, name, tunnel)
+        return await self._open(target, name, client_keys, tunnel)
+
+    async def _accept_new_key(self, target: Target, name: str, tunnel) -> None:
+        try:
+            key = await asyncio.wait_for(
+                asyncssh.get_server_host_key(target.host, target.port, tunnel=tunnel or ()), self.connect_timeout + 5)
+        except (asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
+            raise TransportError(name, ["ssh-keyscan", target.pattern], None, str(exc) or "no answer") from None
+        if key is None:
+            raise TransportError(name, ["ssh-keyscan", target.pattern], None, "the server sent no host key")
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _known_keys(self.path, target):  # another node behind the same name may have added it
+            with self.path.open("a") as f:
+                f.write(f"{target.pattern} {key.export_public_key('openssh').decode().strip()}\n")
+
+    def close(self) -> None:
+        for future in self.tunnels.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().close()
+            else:
+                future.cancel()
 
 
 async def connect(endpoint: Endpoint, known_hosts: str | None, connect_timeout: float, command_timeout: float,
                   accept_new: bool = False) -> Node:
-    path = _known_hosts_path(known_hosts)
-    options = dict(
-        port=endpoint.port or (),
-        username=endpoint.user or (),
-        client_keys=[os.path.expanduser(endpoint.identity_file)] if endpoint.identity_file else (),
-        # An empty trust list (never None, which would switch checking off) when there is no file yet.
-        known_hosts=str(path) if path.is_file() else ([], [], []),
-        connect_timeout=connect_timeout,
-        # AES-GCM first: with AES instructions it is the cheapest cipher to decrypt gathered checkpoints.
-        encryption_algs=PREFERRED_CIPHERS,
-        keepalive_interval=max(1.0, connect_timeout / 3),
-        keepalive_count_max=3,
-    )
-    argv = ["ssh", _host_pattern(endpoint)]
-    try:
-        conn = await asyncio.wait_for(asyncssh.connect(endpoint.host, **options), connect_timeout + 5)
-    except asyncssh.HostKeyNotVerifiable as exc:
-        if _known_keys(path, endpoint):
-            raise TransportError(
-                endpoint.host, argv, None,
-                f"host key does not match {path} ({exc.reason}); if the host was reinstalled, remove the old key "
-                f"with: ssh-keygen -R {_host_pattern(endpoint)} -f {path}",
-            ) from None
-        if not accept_new:
-            raise TransportError(
-                endpoint.host, argv, None,
-                f"host key is not in {path}; check it and add it (ssh-keyscan), or pass --accept-new-host-keys",
-            ) from None
-        await _accept_new_key(endpoint, path, connect_timeout)
-        return await connect(endpoint, known_hosts, connect_timeout, command_timeout, accept_new=False)
-    except asyncio.TimeoutError:
-        raise TransportError(endpoint.host, argv, None, f"no answer within {connect_timeout:.0f}s") from None
-    except (OSError, asyncssh.Error) as exc:
-        raise TransportError(endpoint.host, argv, None, str(exc) or exc.__class__.__name__) from None
-    try:
-        sftp = await asyncio.wait_for(conn.start_sftp_client(), command_timeout)
-    except (asyncio.TimeoutError, OSError, asyncssh.Error) as exc:
-        conn.close()
-        raise TransportError(endpoint.host, ["sftp"], None, f"cannot start SFTP: {exc}") from None
-    return Node(endpoint, conn, sftp, command_timeout)
-
-
-async def _accept_new_key(endpoint: Endpoint, path: Path, timeout: float) -> None:
-    key = await asyncio.wait_for(
-        asyncssh.get_server_host_key(endpoint.host, endpoint.port or 22), timeout + 5)
-    if key is None:
-        raise TransportError(endpoint.host, ["ssh-keyscan"], None, "the server sent no host key")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    line = f"{_host_pattern(endpoint)} {key.export_public_key('openssh').decode().strip()}\n"
-    with path.open("a") as f:
-        f.write(line)
+    """One node over its own connections (a Connector of its own)."""
+    connector = Connector(known_hosts, connect_timeout, command_timeout, accept_new)
+    node = await connector.node(endpoint)
+    node.connector = connector
+    return node
 
 
 async def gather_results(coros) -> tuple[list, list[Exception]]:
