@@ -1,19 +1,28 @@
-"""SSH backend benchmarks on real test hosts (network namespaces with sshd; needs root and openssh-server).
+"""SSH backend benchmarks on real test hosts (tests/sshcluster.py: network, PID and mount namespaces, each
+host with its own disk and sshd; needs root and openssh-server).
 
-Fan-out: connect + preflight + staging wall time for 1, 4 and 8 nodes; ratio 8 / 1 (goal: 2 or less).
-Gather: 1 GiB of checkpoint files spread over 4 nodes, gathered by the launcher (verified by sha256)
-versus plain `scp` of the same files, one node after another and all at once; prints both ratios
-(goal: no slower than sequential scp, and at least 80% of parallel scp's speed).
+Every comparison runs its two sides alternately (A B A B ...) after one warm-up run of each, and reports
+medians of wall time and of CPU seconds on each side: the launcher's process (or the scp processes) here,
+and the nodes' sshd with everything it ran (their cumulative CPU time in /proc).
 
-    .venv/bin/python bench/ssh_transfer.py [--gib 1]
+Fan-out: connect + preflight + staging of 1 node against 8 nodes. Goal: 8 / 1 of 2 or less in wall time,
+with the launcher's CPU seconds at most 2x.
+Gather: 1 GiB of checkpoint files on 4 nodes' disks, by the launcher (sha256 on both ends, resumable) and
+by 4 scp processes at once. Goal: the launcher at 0.9x parallel scp's speed or better.
+
+    .venv/bin/python bench/ssh_transfer.py [--gib 1] [--repeats 3] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
+import pstats
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,65 +43,124 @@ from launcher.runs import PLAN_DIR, RunRecord  # noqa: E402
 from launcher.spec import parse_job  # noqa: E402
 
 QUIET = Console(quiet=True)
+SOURCE_RUN = "gather-bench"  # the run id whose files the nodes hold
 
 
-def make_plan(cluster, hosts, work: Path):
+def make_plan(cluster, hosts):
     job = {
         "name": "bench", "model": "tiny_llama", "method": "lora",
-        "dataset": {"path": str(work / "tiny.mindrecord")},
+        "dataset": {"path": f"{sshcluster.DATA_DIR}/tiny.mindrecord"},
         "parallel": {"data_parallel": len(hosts)},
         "cluster": {
             "backend": "ssh", "device": "cpu",
             "ssh": {"identity_file": str(cluster.identity_file), "known_hosts": str(cluster.known_hosts),
-                    "path_prefix": [str(Path(sys.executable).parent)], "min_free_mb": 0},
-            "nodes": [{"host": h.address, "devices": [0], "workdir": str(work / f"node{h.index}")} for h in hosts],
+                    "path_prefix": [str(Path(sys.executable).parent)], "min_free_mb": 0,
+                    "workdir": sshcluster.WORKDIR},
+            "nodes": [{"host": h.address, "devices": [0]} for h in hosts],
         },
     }
     return build_plan(parse_job(job))
 
 
-def new_run(plan, work: Path, run_id: str) -> SshRun:
-    run_dir = work / "runs" / run_id
+def new_run(plan, work: Path, name: str, run_id: str | None = None) -> SshRun:
+    """An SshRun whose local directory is work/runs/name (run_id: the run on the nodes, default name)."""
+    run_dir = work / "runs" / name
     plan.write(run_dir / PLAN_DIR)
-    return SshRun(plan, run_dir, RunRecord(run_id, plan.job_name, "ssh", "starting", time.time()), QUIET)
+    return SshRun(plan, run_dir, RunRecord(run_id or name, plan.job_name, "ssh", "starting", time.time()), QUIET)
 
 
-async def fan_out(cluster, n: int, work: Path) -> float:
-    run = new_run(make_plan(cluster, cluster.hosts[:n], work), work, f"fanout-{n}")
-    start = time.perf_counter()
-    await run.connect_all()
-    await ssh_preflight.preflight(run)
-    await run.stage()
-    elapsed = time.perf_counter() - start
-    run.close()
-    return elapsed
+def node_cpu(cluster) -> float:
+    """CPU seconds of every host's sshd and all it ran and waited for (utime, stime, cutime, cstime)."""
+    total = 0
+    for host in cluster.hosts:
+        fields = Path(f"/proc/{host.sshd_pid()}/stat").read_text().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-async def launcher_gather(run: SshRun) -> float:
-    start = time.perf_counter()
-    await run.connect_all()
-    problems = await ssh_gather.gather(run)
-    elapsed = time.perf_counter() - start
-    run.close()
-    assert not problems, problems
-    return elapsed
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
-def busy_seconds() -> float:
-    """CPU time the whole machine has spent busy (all cores), from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+def measure(cluster, action) -> dict:
+    """Wall time, this process's CPU seconds, its children's, and the nodes', of one action()."""
+    nodes, own, kids, start = node_cpu(cluster), time.process_time(), children_cpu(), time.perf_counter()
+    action()
+    wall = time.perf_counter() - start
+    own, kids = time.process_time() - own, children_cpu() - kids
+    time.sleep(0.5)  # the nodes' session processes end and are waited for by their sshd
+    return {"wall": wall, "here": own + kids, "nodes": node_cpu(cluster) - nodes}
 
 
-def scp_argv(cluster, host, remote: str, local: Path) -> list[str]:
-    return ["scp", "-q", "-i", str(cluster.identity_file), "-o", f"UserKnownHostsFile={cluster.known_hosts}",
-            f"root@{host.address}:{remote}", str(local)]
+def alternate(cluster, sides: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Each side once to warm up, then A B A B ... `repeats` times; the median of each figure per side."""
+    for action in sides.values():
+        action()
+    samples = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, action in sides.items():
+            samples[name].append(measure(cluster, action))
+    return {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
+
+
+def fan_out(cluster, n: int, work: Path, counter=iter(range(10**6))) -> None:
+    run = new_run(make_plan(cluster, cluster.hosts[:n]), work, f"fanout-{n}-{next(counter)}")
+
+    async def go():
+        try:
+            await run.connect_all()
+            await ssh_preflight.preflight(run)
+            await run.stage()
+        finally:
+            run.close()
+
+    asyncio.run(go())
+    for host in cluster.hosts[:n]:  # keep the nodes' disks as they were
+        shutil.rmtree(host.path(remote_run_dir(run.plan.nodes[0], run.record.run_id)), ignore_errors=True)
+
+
+def launcher_gather(cluster, plan, work: Path, counter=iter(range(10**6))) -> None:
+    run = new_run(plan, work, f"gathered-{next(counter)}", SOURCE_RUN)
+
+    async def go():
+        await run.connect_all()
+        try:
+            problems = await ssh_gather.gather(run)
+        finally:
+            run.close()
+        assert not problems, problems
+
+    asyncio.run(go())
+    shutil.rmtree(run.run_dir)
+
+
+def parallel_scp(cluster, files, work: Path) -> None:
+    out = work / "scp"
+    out.mkdir()
+    procs = [subprocess.Popen(["scp", "-q", "-i", str(cluster.identity_file),
+                               "-o", f"UserKnownHostsFile={cluster.known_hosts}",
+                               f"root@{host.address}:{path}", str(out / f"{i}.ckpt")])
+             for i, (host, path) in enumerate(files)]
+    assert all(p.wait() == 0 for p in procs)
+    shutil.rmtree(out)
+
+
+def report(title: str, results: dict, names: tuple[str, str]) -> None:
+    a, b = (results[n] for n in names)
+    print(f"\n{title}")
+    for name in names:
+        r = results[name]
+        print(f"  {name:<22} wall {r['wall']:6.2f}s   CPU here {r['here']:6.2f}s   CPU on the nodes {r['nodes']:6.2f}s")
+    print(f"  {names[0]} / {names[1]}: wall {a['wall'] / b['wall']:.2f}, CPU here {a['here'] / b['here']:.2f}, "
+          f"CPU on the nodes {a['nodes'] / max(b['nodes'], 1e-9):.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also profile one launcher gather (cProfile)")
     args = parser.parse_args()
     reason = sshcluster.missing_capabilities()
     if reason:
@@ -100,46 +168,40 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ssh-bench-"))
     cluster = sshcluster.build(work / "cluster", 8)
     try:
-        times = {}
-        for n in (1, 4, 8):
-            before = busy_seconds()
-            times[n] = asyncio.run(fan_out(cluster, n, work))
-            busy = busy_seconds() - before
-            # Here every "node" shares this machine's cores with the launcher: show how busy they were.
-            print(f"fan-out {n} node(s): connect + preflight + staging {times[n]:.2f}s "
-                  f"(CPU busy {busy:.2f}s of {times[n] * os.cpu_count():.2f}s available)")
-        print(f"fan-out ratio 8 / 1: {times[8] / times[1]:.2f}  (goal: 2 or less)")
+        dataset = work / "tiny.mindrecord"
+        subprocess.run([str(Path(sys.executable).parent / "launcher"), "dataset", "tiny", str(dataset)],
+                       check=True, capture_output=True)
+        cluster.place_dataset(dataset)
+        print(f"{os.cpu_count()} cores here, shared by the launcher and every node's sshd")
+        fan = alternate(cluster, {"8 nodes": lambda: fan_out(cluster, 8, work),
+                                  "1 node": lambda: fan_out(cluster, 1, work)}, args.repeats)
+        report("fan-out: connect + preflight + staging (goal: wall 8 / 1 <= 2, CPU here <= 2)", fan,
+               ("8 nodes", "1 node"))
 
         hosts = cluster.hosts[:4]
-        plan = make_plan(cluster, hosts, work)
-        run = new_run(plan, work, "gather-bench")
+        plan = make_plan(cluster, hosts)
         per_file = int(args.gib * (1 << 30) / len(hosts))
         files = []
         for rank, (host, step) in enumerate(zip(hosts, plan.nodes)):
-            ckpt = Path(remote_run_dir(step, run.record.run_id)) / "output" / "checkpoint" / f"rank_{rank}" / "bench.ckpt"
-            ckpt.parent.mkdir(parents=True)
-            with ckpt.open("wb") as f:
-                f.write(Path("/dev/urandom").open("rb").read(per_file))
-            files.append((host, ckpt))
-        total_mb = per_file * len(hosts) / (1 << 20)
-
-        t_launcher = asyncio.run(launcher_gather(run))
-        seq_dir, par_dir = work / "scp-seq", work / "scp-par"
-        seq_dir.mkdir()
-        par_dir.mkdir()
-        start = time.perf_counter()
-        for i, (host, path) in enumerate(files):
-            subprocess.run(scp_argv(cluster, host, str(path), seq_dir / f"{i}.ckpt"), check=True)
-        t_seq = time.perf_counter() - start
-        start = time.perf_counter()
-        procs = [subprocess.Popen(scp_argv(cluster, host, str(path), par_dir / f"{i}.ckpt"))
-                 for i, (host, path) in enumerate(files)]
-        assert all(p.wait() == 0 for p in procs)
-        t_par = time.perf_counter() - start
-        print(f"gather {total_mb:.0f} MiB from {len(hosts)} nodes: launcher {t_launcher:.2f}s "
-              f"(with sha256 on both ends), sequential scp {t_seq:.2f}s, parallel scp {t_par:.2f}s")
-        print(f"launcher / sequential scp time: {t_launcher / t_seq:.2f}  (goal: 1.0 or less)")
-        print(f"launcher speed as a share of parallel scp: {t_par / t_launcher:.0%}  (goal: 80% or more)")
+            remote = f"{remote_run_dir(step, SOURCE_RUN)}/output/checkpoint/rank_{rank}/bench.ckpt"
+            local = host.path(remote)
+            local.parent.mkdir(parents=True)
+            with local.open("wb") as f:
+                for _ in range(per_file >> 24):
+                    f.write(os.urandom(1 << 24))
+            files.append((host, remote))
+        total_mib = (per_file >> 24) * 16 * len(hosts)
+        results = alternate(cluster, {"launcher gather": lambda: launcher_gather(cluster, plan, work),
+                                      "parallel scp": lambda: parallel_scp(cluster, files, work)}, args.repeats)
+        report(f"gather {total_mib} MiB from {len(hosts)} nodes (goal: scp wall / launcher wall >= 0.9)", results,
+               ("launcher gather", "parallel scp"))
+        print(f"  launcher speed as a share of parallel scp's: "
+              f"{results['parallel scp']['wall'] / results['launcher gather']['wall']:.0%}")
+        if args.profile:
+            profile = cProfile.Profile()
+            profile.runcall(launcher_gather, cluster, plan, work)
+            print("\nwhere one launcher gather spends its time here (cProfile, by own time):")
+            pstats.Stats(profile).sort_stats("tottime").print_stats(12)
     finally:
         sshcluster.teardown(8, cluster)
         shutil.rmtree(work, ignore_errors=True)

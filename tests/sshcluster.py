@@ -95,8 +95,10 @@ class Host:
         return run(*self.enter_argv(*argv), check=check)
 
     def enter_argv(self, *argv: str, cwd: str = "/") -> list[str]:
+        # nsenter opens --wd before it enters the mount namespace, so a directory on the host's disk is
+        # entered by a shell once inside; exec leaves argv as the process's command line.
         return ["ip", "netns", "exec", self.netns, "nsenter", f"--target={self.sshd_pid()}", "--pid", "--mount",
-                f"--wd={cwd}", *argv]
+                "--wd=/", "sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
 
     def path(self, path: str | Path) -> Path:
         """A path on the host's own disk, as this machine reaches it (through its sshd's root)."""

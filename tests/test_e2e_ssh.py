@@ -118,6 +118,26 @@ def test_lost_host_stops_the_other(tmp_path, cluster, tiny_dataset, how):
     assert (run_dir / "ranks" / "rank_0" / "log" / "info.log").is_file()
 
 
+def test_a_node_script_gone_without_an_exit_code_fails_the_run(tmp_path, cluster, tiny_dataset):
+    """Node 1's script is SIGKILLed (as the OOM killer would): it never writes node.exit, and its ranks run on.
+    The launcher sees the script's process gone, fails the run and stops every rank on both nodes."""
+    job = write_job(tmp_path, cluster, tiny_dataset)
+    data = yaml.safe_load(job.read_text())
+    data["mindformers"] = {"overrides": {"runner_config.epochs": 100}}  # it would train for long
+    job.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([LAUNCHER, "up", str(job)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_ranks(cluster, proc)
+    run_dir = only_run(tmp_path)
+    host = cluster.hosts[1]
+    script = (host.path(WORKDIR) / run_dir.name / "node.pid").read_text().strip()
+    host.enter("kill", "-9", script)  # a pid in the host's own PID namespace
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert "failed: node 1 failed: its node script ended without an exit code" in stderr, stderr
+    assert_nothing_left(run_dir.name)
+
+
 def wait_for_ranks(cluster, proc, count=2):
     """Until every node's rank has its MindFormers log (read on each host's own disk)."""
     deadline = time.monotonic() + 120

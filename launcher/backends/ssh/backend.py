@@ -17,7 +17,7 @@ from launcher import secret_env
 from launcher.backends.ssh import gather as ssh_gather
 from launcher.backends.ssh import preflight as ssh_preflight
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status
-from launcher.backends.ssh.session import MIRROR_DIR, SshRun
+from launcher.backends.ssh.session import MIRROR_DIR, VANISHED_EXIT, SshRun
 from launcher.data.cache import link_tree
 from launcher.errors import LauncherError
 from launcher.plan import LaunchPlan
@@ -125,6 +125,8 @@ async def _execute(run: SshRun) -> tuple[list[str], str]:
             node = next((s for s in run.nodes if s.exit_code not in (None, 0)), None)
             failing_node = plan.ranks[failed[0]].node if failed else (node.step.index if node else None)
             record.message = f"node {failing_node} failed"
+            if not failed and node and node.exit_code == VANISHED_EXIT:
+                record.message += ": its node script ended without an exit code (killed?)"
         record.save(run.run_dir)
         problems += await ssh_gather.gather(run)
         tail = await run.tail(record.failed_rank) if record.failed_rank is not None else ""
