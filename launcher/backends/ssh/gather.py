@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import posixpath
+from collections import deque
 from pathlib import Path
 
 import asyncssh
@@ -15,8 +16,9 @@ from launcher.checksums import sha256_file, sha256_of
 from launcher.backends.ssh.session import NodeState, SshRun, remote_run_dir
 from launcher.errors import BackendError, TransportError
 
-_FETCH_CHUNK = 32 << 20
 _BLOCK = 255 << 10  # the largest read OpenSSH's sftp-server answers in one request
+_IN_FLIGHT = 64  # read requests outstanding per file (16 MiB)
+_WRITE_BATCH = 8 << 20  # bytes handed to the writing thread at once
 
 
 async def gather(run: SshRun, report_lost: bool = True) -> list[str]:
@@ -68,14 +70,10 @@ async def fetch(run: SshRun, node: transport.Node, base: str, source: str, dest:
         # Hash what a previous gather left, then the new bytes as they arrive: the file is read once.
         digest = sha256_of(partial) if partial.exists() else hashlib.sha256()
         offset = partial.stat().st_size if partial.exists() else 0
-        # Large reads, each split by asyncssh into many requests in flight; written in order, so the
-        # partial file is always a complete prefix that a later gather can resume from.
-        async with node.sftp.open(remote, "rb", block_size=_BLOCK, max_requests=64) as f:
+        # block_size 0: each read is one SFTP request; _download keeps many of them in flight itself.
+        async with node.sftp.open(remote, "rb", block_size=0) as f:
             with partial.open("ab") as out:
-                while chunk := await node.call(f.read(_FETCH_CHUNK, offset), f"read {remote}"):
-                    # Off the event loop (both release the GIL), so other nodes' downloads go on meanwhile.
-                    await asyncio.to_thread(_write_and_hash, out, digest, chunk)
-                    offset += len(chunk)
+                await _download(node, f, remote, out, digest, offset)
         if digest.hexdigest() == await node_sha():
             partial.replace(dest)
             return
@@ -83,6 +81,51 @@ async def fetch(run: SshRun, node: transport.Node, base: str, source: str, dest:
     raise BackendError(f"{node.host}: {remote} does not match its sha256 after download")
 
 
-def _write_and_hash(out, digest, chunk: bytes) -> None:
-    out.write(chunk)
-    digest.update(chunk)
+async def _download(node: transport.Node, f, remote: str, out, digest, offset: int) -> None:
+    """Copy the remote file from offset to its end into out, hashing it on the way: _IN_FLIGHT one-block
+    reads outstanding at once, written in their order, so that out is always a complete prefix of the file
+    (what a later gather resumes from). Writes and hashing run in a thread, while the next blocks arrive."""
+    pending: deque[tuple[int, asyncio.Future]] = deque()
+    batch: list[bytes] = []
+    try:
+        while offset < (size := (await node.call(f.stat(), f"stat {remote}")).size):  # again: it may grow
+            ahead = offset  # where the next request starts
+            while ahead < size or pending:
+                while len(pending) < _IN_FLIGHT and ahead < size:
+                    pending.append((ahead, asyncio.ensure_future(_read_block(f, ahead))))
+                    ahead += _BLOCK
+                at, request = pending.popleft()
+                data = await node.call(request, f"read {remote}")
+                batch.append(data)
+                offset = at + len(data)
+                if len(data) < min(_BLOCK, size - at):  # a short read: ask again from there, in order
+                    _cancel(pending)
+                    break
+                if sum(map(len, batch)) >= _WRITE_BATCH:
+                    await asyncio.to_thread(_write_and_hash, out, digest, batch)
+                    batch = []
+            await asyncio.to_thread(_write_and_hash, out, digest, batch)
+            batch = []
+            if offset < size and not data:  # the file shrank under us: the sha256 check will tell
+                return
+    finally:
+        _cancel(pending)
+
+
+async def _read_block(f, offset: int) -> bytes:
+    try:
+        return await f.read(_BLOCK, offset)
+    except asyncssh.SFTPEOFError:
+        return b""
+
+
+def _cancel(pending: deque) -> None:
+    while pending:
+        pending.popleft()[1].cancel()
+
+
+def _write_and_hash(out, digest, chunks: list[bytes]) -> None:
+    # Both release the GIL, so other nodes' downloads go on meanwhile.
+    for chunk in chunks:
+        out.write(chunk)
+        digest.update(chunk)
