@@ -5,7 +5,8 @@ Each host is `ip netns` + `unshare --pid --mount`: its processes are invisible t
 its sshd (PID 1 of the host) ends everything that ran there, as a lost machine would. Its disk is its own:
 /tmp, /srv, /home and root's home are empty tmpfs mounts and /etc is an overlay, all seen only inside the
 host, so a file reaches a host over SSH or not at all. What stays shared is the installed software: the
-system, the Python interpreter (also when it lives under root's home) and the tests' virtualenv.
+system, the Python interpreter (also when it lives under root's home) and the tests' virtualenv, in which
+the launcher's own package is hidden (an empty tmpfs): a node runs nothing of it but what is staged.
 A test reads and writes a host's files through Host.path() (/proc/<pid>/root of its sshd).
 
 Every host has root and a user `trainer` (uid 1500), both logging in with the cluster's key. A host can get
@@ -271,6 +272,10 @@ def _host_setup(files: Path, env: str | None, disk: str | None) -> str:
         lines.append(f"mount --bind {q(str(older / f'mindformers-{OLDER_MINDFORMERS}.dist-info'))} {q(str(dist_info))}")
     elif env is not None:
         raise ValueError(f"unknown host environment {env!r}; one of {ENVS}")
+    if env != "bare":  # a node has MindSpore and MindFormers, not the launcher: what it runs arrives over SSH
+        lines += [f"mount --bind /dev/null {q(str(pth))}" for pth in SITE_PACKAGES.glob("*editable*launcher*.pth")]
+        if (SITE_PACKAGES / "launcher").is_dir():
+            lines.append(f"mount -t tmpfs -o mode=755 tmpfs {q(str(SITE_PACKAGES / 'launcher'))}")
     home = Path("/root")
     kept = base.is_relative_to(home)  # an interpreter installed under root's home (pyenv) stays visible
     if kept:

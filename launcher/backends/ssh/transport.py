@@ -2,10 +2,15 @@
 
 asyncssh rather than the OpenSSH client: one process drives every node concurrently, SFTP reads at an
 offset (resumable gather, log tails) need no helper processes, and errors come back as exceptions
-instead of exit codes to parse. ~/.ssh/config is still read for anything the job leaves unset.
+instead of exit codes to parse. ~/.ssh/config is still read for anything the job leaves unset, as
+asyncssh reads it (HostName, User, Port, IdentityFile, ProxyJump, HostKeyAlias).
 
-Host keys are always checked against known_hosts. An unknown host is accepted only when the user asks
-(`--accept-new-host-keys`), and then its key is written to known_hosts; a changed key is never accepted.
+Nodes behind a login node are reached through it (cluster.ssh.jump or ProxyJump): one connection to the
+jump host, each node's connection tunnelled inside it.
+
+Host keys are always checked against known_hosts, the jump hosts' too, under the name OpenSSH would use.
+An unknown host is accepted only when the user asks (`--accept-new-host-keys`), and then its key is
+written to known_hosts; a changed key is never accepted.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ class Node:
     def __init__(self, endpoint: Endpoint, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
                  timeout: float):
         self.endpoint, self.conn, self.sftp, self.timeout = endpoint, conn, sftp, timeout
-        self.connector: Connector | None = None  # set when the node owns its connector (its jump hosts)
 
     @property
     def host(self) -> str:
@@ -99,8 +103,6 @@ class Node:
 
     def close(self) -> None:
         self.conn.close()
-        if self.connector:
-            self.connector.close()
 
 
 def _known_hosts_path(known_hosts: str | None) -> Path:
@@ -255,15 +257,6 @@ class Connector:
                 future.result().close()
             else:
                 future.cancel()
-
-
-async def connect(endpoint: Endpoint, known_hosts: str | None, connect_timeout: float, command_timeout: float,
-                  accept_new: bool = False) -> Node:
-    """One node over its own connections (a Connector of its own)."""
-    connector = Connector(known_hosts, connect_timeout, command_timeout, accept_new)
-    node = await connector.node(endpoint)
-    node.connector = connector
-    return node
 
 
 async def gather_results(coros) -> tuple[list, list[Exception]]:
