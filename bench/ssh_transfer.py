@@ -37,6 +37,7 @@ from rich.console import Console  # noqa: E402
 
 from launcher.backends.ssh import gather as ssh_gather  # noqa: E402
 from launcher.backends.ssh import preflight as ssh_preflight  # noqa: E402
+from launcher.backends.ssh import staging as ssh_staging  # noqa: E402
 from launcher.backends.ssh.session import SshRun, remote_run_dir  # noqa: E402
 from launcher.plan import build_plan  # noqa: E402
 from launcher.runs import PLAN_DIR, RunRecord  # noqa: E402
@@ -111,7 +112,7 @@ def fan_out(cluster, n: int, work: Path, counter=iter(range(10**6))) -> None:
         try:
             await run.connect_all()
             await ssh_preflight.preflight(run)
-            await run.stage()
+            await ssh_staging.stage(run)
         finally:
             run.close()
 

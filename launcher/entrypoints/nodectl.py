@@ -158,6 +158,7 @@ def preflight(workdir, job, port, min_free_mb, dataset=None):
         "dataset_readable": os.access(dataset, os.R_OK) if dataset else None,
         "python": sys.executable,
         "msrun": shutil.which("msrun"),
+        "tar": shutil.which("tar"),
         "mindspore": _version("mindspore"),
         "mindformers": _version("mindformers"),
         "workdir_writable": False,

@@ -1,4 +1,4 @@
-"""The SSH backend: transport -> session (the nodes of one run) -> preflight, gather -> backend."""
+"""The SSH backend: transport -> session (the nodes of one run) -> preflight, staging, gather -> backend."""
 
 import warnings
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from launcher import secret_env
 from launcher.backends.ssh import gather as ssh_gather
 from launcher.backends.ssh import preflight as ssh_preflight
+from launcher.backends.ssh import staging as ssh_staging
 from launcher.backends.base import Backend, Echo, Events, Outcome, Problem, Run, Status
 from launcher.backends.ssh.session import MIRROR_DIR, VANISHED_EXIT, SshRun
 from launcher.data.cache import link_tree
@@ -99,7 +100,8 @@ async def _execute(run: SshRun) -> tuple[list[str], str]:
         await run.connect_all()
         try:
             await ssh_preflight.preflight(run)
-            await run.stage_and_start()
+            await ssh_staging.stage(run)
+            await run.start()
         except BaseException:
             run.close()
             raise

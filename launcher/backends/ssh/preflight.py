@@ -116,6 +116,8 @@ def judge(run: SshRun, state: NodeState, report: dict) -> list[str]:
                         "set cluster.ssh.path_prefix to the environment that has them")
     if report.get("dataset_readable") is False:
         problems.append(f"dataset {node_dataset(run.plan)} is missing or not readable by the SSH user")
+    if not report.get("tar", True):
+        problems.append("tar is not on PATH (the run's files are sent to the node as a tar archive)")
     if run.plan.launch == "msrun" and not report["msrun"]:
         problems.append("msrun is not on PATH; set cluster.ssh.path_prefix")
     if not report["workdir_writable"]:

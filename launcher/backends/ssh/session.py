@@ -1,4 +1,5 @@
-"""The SSH backend: preflight every node, stage each node's bundle, start detached, watch, tear down, gather.
+"""The SSH backend: preflight every node, stage each node's bundle (staging.py), start detached, watch, tear
+down, gather.
 
 On each node a run lives in <workdir>/<run-id>/: the plan, start.sh, nodectl.py, node.log, node.pid,
 node.exit and MindFormers' output/. The node script runs in its own session (setsid), so a dropped
@@ -24,8 +25,7 @@ from launcher.entrypoints import nodectl
 from launcher.errors import BackendError, TransportError
 from launcher.liveview import LiveView, rank_exit_codes
 from launcher.plan import STATUS_DIR, LaunchPlan, NodeStep
-from launcher.render import render_template
-from launcher.runs import MIRROR_DIR, PLAN_DIR, RESUME_DIR, RUN_DATA_DIR, RunRecord
+from launcher.runs import MIRROR_DIR, RunRecord
 from launcher.stall import STACKS_WAIT_S, StallWatch
 
 NODECTL = "nodectl.py"
@@ -118,63 +118,6 @@ class SshRun:
         tmp = f"{remote}.tmp"
         await node.call(node.sftp.put(str(local), tmp, recurse=local.is_dir()), f"put {remote}")
         await node.call(node.sftp.posix_rename(tmp, remote), f"rename {remote}")
-
-    def render_start_scripts(self) -> None:
-        for state in self.nodes:
-            step = state.step
-            bundle = self.run_dir / "nodes" / f"node-{step.index}" / "bundle"
-            bundle.mkdir(parents=True, exist_ok=True)
-            (bundle / "start.sh").write_text(render_template(
-                "ssh_start.sh.j2", run_id=self.record.run_id, job_name=self.plan.job_name, node=step,
-                path=state.remote_path, secret_names=list(self.secrets)))
-            (bundle / NODECTL).write_bytes(NODECTL_SOURCE.read_bytes())
-
-    async def stage_and_start(self) -> None:
-        await self.stage()
-        await self.start()
-
-    async def stage(self) -> None:
-        """Upload each node's bundle to a staging name, then rename it: a node has all of it or none."""
-        self.render_start_scripts()
-
-        async def stage(state: NodeState) -> None:
-            node, step = state.node, state.step
-            target = remote_run_dir(step, self.record.run_id)
-            staging = posixpath.join(step.workdir, f".{self.record.run_id}.staging")
-            bundle = self.run_dir / "nodes" / f"node-{step.index}" / "bundle"
-            await node.call(node.sftp.makedirs(staging, exist_ok=True), f"mkdir {staging}")
-            await node.call(node.sftp.put(str(self.run_dir / PLAN_DIR), posixpath.join(staging, PLAN_DIR),
-                                          recurse=True), "put plan")
-            for item in ("start.sh", NODECTL):
-                await node.call(node.sftp.put(str(bundle / item), posixpath.join(staging, item)), f"put {item}")
-            if (self.run_dir / RUN_DATA_DIR).is_dir():  # a dataset prepared here, read as data/... on the node
-                await node.call(node.sftp.put(str(self.run_dir / RUN_DATA_DIR), posixpath.join(staging, RUN_DATA_DIR),
-                                              recurse=True), "put the prepared dataset")
-            # A later attempt's checkpoint: each node gets only its own ranks' folders.
-            resumes = [f"rank_{rank}" for rank in step.ranks if (self.run_dir / RESUME_DIR / f"rank_{rank}").is_dir()]
-            if resumes:
-                await node.call(node.sftp.makedirs(posixpath.join(staging, RESUME_DIR), exist_ok=True), "mkdir resume")
-            for folder in resumes:
-                await node.call(node.sftp.put(str(self.run_dir / RESUME_DIR / folder),
-                                              posixpath.join(staging, RESUME_DIR, folder), recurse=True),
-                                f"put the checkpoint {folder} resumes from")
-            await node.call(node.sftp.posix_rename(staging, target), f"rename {target}")
-
-        _, errors = await transport.gather_results(stage(s) for s in self.nodes)
-        if errors:
-            await self.unstage()
-            raise BackendError(self.per_node("could not stage the run on", errors) + "\nnothing was started")
-
-    async def unstage(self) -> None:
-        """Remove what staging left on every node, renamed or not: no node keeps part of a run that never ran."""
-
-        async def one(state: NodeState) -> None:
-            step, node = state.step, state.node
-            for path in (posixpath.join(step.workdir, f".{self.record.run_id}.staging"),
-                         remote_run_dir(step, self.record.run_id)):
-                await node.call(node.sftp.rmtree(path, ignore_errors=True), f"remove {path}")
-
-        await transport.gather_results(one(s) for s in self.nodes if s.node)
 
     async def start(self) -> None:
         # The secret values travel in the start command's standard input, over the SSH channel.

@@ -94,6 +94,20 @@ class Node:
         except asyncssh.SFTPNoSuchFile:
             return b""
 
+    async def unpack(self, archive: bytes, directory: str) -> None:
+        """Extract a tar archive, sent on the command's standard input, into directory (made if missing)."""
+        argv = ["sh", "-c", 'mkdir -p -- "$1" && exec tar -x -f - --no-same-owner -C "$1"', "unpack", directory]
+        command = " ".join(shlex.quote(a) for a in argv)
+        try:
+            result = await asyncio.wait_for(self.conn.run(command, check=False, input=archive, encoding=None),
+                                            self.timeout)
+        except asyncio.TimeoutError:
+            raise TransportError(self.host, argv, None, f"no answer within {self.timeout:.0f}s") from None
+        except (OSError, asyncssh.Error) as exc:
+            raise TransportError(self.host, argv, None, str(exc)) from None
+        if result.exit_status != 0:
+            raise TransportError(self.host, argv, result.exit_status, bytes(result.stderr).decode(errors="replace"))
+
     async def exists(self, path: str) -> bool:
         try:
             await self.sftp.stat(path)
