@@ -44,6 +44,9 @@ SFTP_LOG = "/tmp/sftp-server.log"  # on each host's own disk  # where a test put
 VENV = Path(sys.prefix)
 SITE_PACKAGES = VENV / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
 OLDER_MINDFORMERS = "1.7.0"
+# Each host's own empty folders (tmpfs), with their modes: 755 on root's home lets trainer reach a kept
+# interpreter there.
+PRIVATE_DIRS = {Path("/root"): "755", Path("/tmp"): "1777", Path("/srv"): "755", Path("/home"): "755"}
 # Another Python environment for a host, at the same path as the tests' virtualenv:
 # - "bare": a new virtualenv with nothing installed (no MindSpore, MindFormers or msrun);
 # - "mindformers-1.7.0": the tests' virtualenv with MindFormers 1.7.0 (the real package, from its wheel)
@@ -276,18 +279,16 @@ def _host_setup(files: Path, env: str | None, disk: str | None) -> str:
         lines += [f"mount --bind /dev/null {q(str(pth))}" for pth in SITE_PACKAGES.glob("*editable*launcher*.pth")]
         if (SITE_PACKAGES / "launcher").is_dir():
             lines.append(f"mount -t tmpfs -o mode=755 tmpfs {q(str(SITE_PACKAGES / 'launcher'))}")
-    home = Path("/root")
-    kept = base.is_relative_to(home)  # an interpreter installed under root's home (pyenv) stays visible
-    if kept:
-        lines += [f"mkdir -p {files}/kept", f"mount --bind {q(str(base))} {files}/kept"]
-    lines += [
-        "mount -t tmpfs -o mode=755 tmpfs /root",  # 755: trainer reaches a kept interpreter
-        "mount -t tmpfs -o mode=1777 tmpfs /tmp",
-        f"mount -t tmpfs -o mode=755{',size=' + disk if disk else ''} tmpfs /srv",
-        "mount -t tmpfs -o mode=755 tmpfs /home",
-    ]
-    if kept:
-        lines += [f"mkdir -p {q(str(base))}", f"mount --move {files}/kept {q(str(base))}"]
+    # Installed software under a folder the host gets empty (pyenv under root's home, a virtualenv in a
+    # clone under /tmp) stays visible: bound aside with what is mounted on it, then moved back on top.
+    kept = [p for p in dict.fromkeys([base, VENV]) if any(p.is_relative_to(d) for d in PRIVATE_DIRS)]
+    for i, path in enumerate(kept):
+        lines += [f"mkdir -p {files}/kept{i}", f"mount --rbind {q(str(path))} {files}/kept{i}"]
+    lines += [f"mount -t tmpfs -o mode={mode} tmpfs {d}" for d, mode in PRIVATE_DIRS.items()]
+    if disk:
+        lines.append(f"mount -o remount,size={disk} /srv")
+    for i, path in enumerate(kept):
+        lines += [f"mkdir -p {q(str(path))}", f"mount --move {files}/kept{i} {q(str(path))}"]
     overlay = f"{files}/etc-overlay"
     lines += [
         # /etc of its own: the trainer account, /etc/hccn.conf and the like are this host's alone.
