@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import itertools
 import os
 import pstats
 import resource
@@ -45,6 +46,7 @@ from launcher.spec import parse_job  # noqa: E402
 
 QUIET = Console(quiet=True)
 SOURCE_RUN = "gather-bench"  # the run id whose files the nodes hold
+RUN_NUMBERS = itertools.count()  # each measured run has a folder of its own
 
 
 def make_plan(cluster, hosts):
@@ -105,8 +107,8 @@ def alternate(cluster, sides: dict, repeats: int) -> dict[str, dict[str, float]]
     return {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
 
 
-def fan_out(cluster, n: int, work: Path, counter=iter(range(10**6))) -> None:
-    run = new_run(make_plan(cluster, cluster.hosts[:n]), work, f"fanout-{n}-{next(counter)}")
+def fan_out(cluster, n: int, work: Path) -> None:
+    run = new_run(make_plan(cluster, cluster.hosts[:n]), work, f"fanout-{n}-{next(RUN_NUMBERS)}")
 
     async def go():
         try:
@@ -121,8 +123,8 @@ def fan_out(cluster, n: int, work: Path, counter=iter(range(10**6))) -> None:
         shutil.rmtree(host.path(remote_run_dir(run.plan.nodes[0], run.record.run_id)), ignore_errors=True)
 
 
-def launcher_gather(cluster, plan, work: Path, counter=iter(range(10**6))) -> None:
-    run = new_run(plan, work, f"gathered-{next(counter)}", SOURCE_RUN)
+def launcher_gather(cluster, plan, work: Path) -> None:
+    run = new_run(plan, work, f"gathered-{next(RUN_NUMBERS)}", SOURCE_RUN)
 
     async def go():
         await run.connect_all()

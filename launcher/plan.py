@@ -347,6 +347,7 @@ def _bind_core(job: Job) -> bool:
 def _ssh_options(job: Job) -> SshOptions:
     ssh = job.cluster.ssh
     return SshOptions(
-        known_hosts=ssh.known_hosts, jump=ssh.jump, identity_file=ssh.identity_file, path_prefix=tuple(ssh.path_prefix), connect_timeout=ssh.connect_timeout,
+        known_hosts=ssh.known_hosts, path_prefix=tuple(ssh.path_prefix), connect_timeout=ssh.connect_timeout,
         command_timeout=ssh.command_timeout, node_lost_after=ssh.node_lost_after, min_free_mb=ssh.min_free_mb,
+        jump=ssh.jump, identity_file=ssh.identity_file,
     )

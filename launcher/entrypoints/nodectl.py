@@ -155,6 +155,7 @@ def preflight(workdir, job, port, min_free_mb, dataset=None):
     """What this node offers the job: tools, versions, a writable workdir with room, port, stale processes,
     and the dataset the job reads from this node's disk."""
     report = {
+        "dataset": dataset,
         "dataset_readable": os.access(dataset, os.R_OK) if dataset else None,
         "python": sys.executable,
         "msrun": shutil.which("msrun"),

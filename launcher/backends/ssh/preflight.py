@@ -115,7 +115,7 @@ def judge(run: SshRun, state: NodeState, report: dict) -> list[str]:
         problems.append(f"mindspore/mindformers not installed for {report['python']}; "
                         "set cluster.ssh.path_prefix to the environment that has them")
     if report.get("dataset_readable") is False:
-        problems.append(f"dataset {node_dataset(run.plan)} is missing or not readable by the SSH user")
+        problems.append(f"dataset {report['dataset']} is missing or not readable by the SSH user")
     if not report.get("tar", True):
         problems.append("tar is not on PATH (the run's files are sent to the node as a tar archive)")
     if run.plan.launch == "msrun" and not report["msrun"]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import asyncssh
@@ -51,19 +51,24 @@ class Node:
         return self.endpoint.host
 
     async def run(self, argv: list[str], check: bool = True, timeout: float | None = None,
-                  stdin: str | None = None) -> str:
-        """Run argv (each word quoted once; no nested quoting) and return stdout. stdin: text to feed the
-        command, then end of file (data that must not be on a command line goes here)."""
+                  stdin: str | bytes | None = None) -> str:
+        """Run argv (each word quoted once; no nested quoting) and return stdout. stdin: text or bytes to
+        feed the command, then end of file (data that must not be on a command line goes here)."""
         command = " ".join(shlex.quote(a) for a in argv)
+        # Bytes in, bytes out (asyncssh's encoding=None); stdout and stderr are decoded here then.
+        encoding = None if isinstance(stdin, bytes) else "utf-8"
         try:
-            result = await asyncio.wait_for(self.conn.run(command, check=False, input=stdin), timeout or self.timeout)
+            result = await asyncio.wait_for(self.conn.run(command, check=False, input=stdin, encoding=encoding),
+                                            timeout or self.timeout)
         except asyncio.TimeoutError:
             raise TransportError(self.host, argv, None, f"no answer within {timeout or self.timeout:.0f}s") from None
         except (OSError, asyncssh.Error) as exc:
             raise TransportError(self.host, argv, None, str(exc)) from None
+        stdout, stderr = (out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+                          for out in (result.stdout, result.stderr))
         if check and result.exit_status != 0:
-            raise TransportError(self.host, argv, result.exit_status, str(result.stderr)[-2000:])
-        return str(result.stdout)
+            raise TransportError(self.host, argv, result.exit_status, stderr[-2000:])
+        return stdout
 
     async def run_result(self, argv: list[str], timeout: float | None = None) -> tuple[int | None, str]:
         """(exit status, stdout and stderr) of argv; status None when it did not end in time."""
@@ -96,17 +101,8 @@ class Node:
 
     async def unpack(self, archive: bytes, directory: str) -> None:
         """Extract a tar archive, sent on the command's standard input, into directory (made if missing)."""
-        argv = ["sh", "-c", 'mkdir -p -- "$1" && exec tar -x -f - --no-same-owner -C "$1"', "unpack", directory]
-        command = " ".join(shlex.quote(a) for a in argv)
-        try:
-            result = await asyncio.wait_for(self.conn.run(command, check=False, input=archive, encoding=None),
-                                            self.timeout)
-        except asyncio.TimeoutError:
-            raise TransportError(self.host, argv, None, f"no answer within {self.timeout:.0f}s") from None
-        except (OSError, asyncssh.Error) as exc:
-            raise TransportError(self.host, argv, None, str(exc)) from None
-        if result.exit_status != 0:
-            raise TransportError(self.host, argv, result.exit_status, bytes(result.stderr).decode(errors="replace"))
+        await self.run(["sh", "-c", 'mkdir -p -- "$1" && exec tar -x -f - --no-same-owner -C "$1"', "unpack",
+                        directory], stdin=archive)
 
     async def exists(self, path: str) -> bool:
         try:
@@ -178,8 +174,7 @@ class Connector:
         self.tunnels: dict[str, asyncio.Future] = {}
 
     async def node(self, endpoint: Endpoint) -> Node:
-        target = resolve(Endpoint(endpoint.host, endpoint.port, endpoint.user, endpoint.identity_file,
-                                  endpoint.jump or self.jump))
+        target = resolve(replace(endpoint, jump=endpoint.jump or self.jump))
         argv = ["ssh", target.pattern]
         tunnel = None
         if target.jump:
