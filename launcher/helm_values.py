@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from launcher import k8s_ascend
 from launcher import k8s_manifests as km
+from launcher import k8s_objects
 from launcher.spec import Job
 
 HELM_VALUES_PATH = "helm/values.yaml"
@@ -24,7 +25,7 @@ def values(job: Job, pod_files: dict[str, str], slots) -> dict:
         "name": job.name,
         "namespace": k8s.namespace,
         "runId": job.name,  # placeholders, as in the manifests: the backend sets both
-        "ownerUid": km.OWNER_UID,
+        "ownerUid": k8s_objects.OWNER_UID,
         "image": job.image.reference,
         "ascend": cluster.device == "ascend",
         "resourceName": k8s.resource_name,

@@ -9,24 +9,25 @@ Secrets (image pull secrets, storage keys, secret_env) are referenced by name on
 rendered. The job's from_env/from_file values go into a Secret that the k8s backend creates for each run:
 `<job>-secret-env` here (renamed per run like the rest), one key per variable; whoever applies these
 manifests with kubectl creates it.
+The labels and owner every object carries, and the run-wide ConfigMap, Service and PodGroup, are in
+k8s_objects.py; the pods and job controllers are built here.
 """
 
 from __future__ import annotations
 
-from launcher import k8s_ascend, secret_env
+from launcher import k8s_ascend, k8s_objects, secret_env
+from launcher.k8s_objects import RUN_LABEL, configmap_key
 from launcher.runs import RUN_DATA_DIR  # on the output claim: the prepared datasets
 from launcher.spec import Job
 
 PLAN_MOUNT = "/launcher/plan"  # the ConfigMap, with the plan's files at their relative paths
 WORK_DIR = "/launcher/work"  # the pod's working directory; MindFormers writes ./output under it
 CLAIM_RUNS_DIR = "runs"  # on the output claim: runs/<run id>/ is mounted at each pod's output/
-RUN_LABEL = "launcher/run-id"
 RANK_LABEL = "launcher/rank"  # per-rank pods: the rank the pod runs
 NODE_LABEL = "launcher/node"  # per-node pods and AscendJob Workers: the index of the job's node
 RUN_ID_VAR = "LAUNCHER_RUN_ID"
 RANK_SCRIPT = "k8s/rank.sh"
 ACJOB_WORKER_SCRIPT = "k8s/acjob-worker.sh"
-OWNER_UID = "00000000-0000-0000-0000-000000000000"
 SCHEDULER_LOG = "output/rank_log/scheduler.log"
 # Ascend Operator's default port of the Scheduler service ("ascendjob-port", 2222), see
 # hiascend.com MindCluster docs "Ascend Operator environment variables" (MS_SCHED_PORT).
@@ -36,11 +37,6 @@ _ASCEND_HOST_FILES = (
     ("npu-smi", "/usr/local/bin/npu-smi", "File"),
     ("ascend-install-info", "/etc/ascend_install.info", "File"),
 )
-
-
-def configmap_key(path: str) -> str:
-    """A plan path as a ConfigMap key (letters, digits, '-', '_', '.'): nodes/node-0/launch.sh -> nodes__node-0__launch.sh."""
-    return path.replace("/", "__")
 
 
 def service_host(job: Job) -> str:
@@ -53,12 +49,12 @@ def manifests(job: Job, plan_files: dict[str, str], slots, steps) -> dict[str, d
     k8s = job.cluster.k8s
     if k8s_ascend.cluster_rank_table(job):  # the pods read MindCluster's table, not the plan's
         plan_files = {path: text for path, text in plan_files.items() if not path.startswith("ranktable/")}
-    objects = {"k8s/00-configmap.yaml": _configmap(job, plan_files)}
+    objects = {"k8s/00-configmap.yaml": k8s_objects.configmap(job, plan_files)}
     if k8s_ascend.cluster_rank_table(job):
         objects["k8s/00-rings-config.yaml"] = k8s_ascend.rings_configmap(
-            job, _metadata(job, k8s_ascend.rings_config_name(job.name)))
+            job, k8s_objects.metadata(job, k8s_ascend.rings_config_name(job.name)))
     if dynamic_cluster(job):
-        objects["k8s/01-service.yaml"] = _service(job)
+        objects["k8s/01-service.yaml"] = k8s_objects.service(job)
     if k8s.kind == "ascend-job":
         objects["k8s/ascend-job.yaml"] = _ascend_job(job, plan_files, steps)
         return objects
@@ -67,7 +63,7 @@ def manifests(job: Job, plan_files: dict[str, str], slots, steps) -> dict[str, d
         objects["k8s/volcano-job.yaml"] = _volcano_job(job, pods)
         return objects
     if k8s_ascend.uses_volcano(job):
-        objects["k8s/02-podgroup.yaml"] = _podgroup(job, len(pods))
+        objects["k8s/02-podgroup.yaml"] = k8s_objects.podgroup(job, len(pods))
     for name, pod in pods.items():
         objects[f"k8s/{name.removeprefix(job.name + '-')}.yaml"] = pod
     return objects
@@ -79,63 +75,6 @@ def dynamic_cluster(job: Job) -> bool:
     if job.cluster.k8s.kind == "ascend-job":
         return False
     return job.cluster.launch == "msrun" or job.cluster.device == "cpu"
-
-
-def _labels(job: Job, **extra: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/managed-by": "launcher",
-        "app.kubernetes.io/name": job.name,
-        RUN_LABEL: job.name,  # placeholder: the backend sets the run id here
-        **extra,
-    }
-
-
-def _metadata(job: Job, name: str, **labels: str) -> dict:
-    return {
-        "name": name,
-        "namespace": job.cluster.k8s.namespace,
-        "labels": _labels(job, **labels),
-        "ownerReferences": [
-            {"apiVersion": "v1", "kind": "ConfigMap", "name": f"{job.name}-plan", "uid": OWNER_UID}
-        ],
-    }
-
-
-def _configmap(job: Job, plan_files: dict[str, str]) -> dict:
-    meta = _metadata(job, f"{job.name}-plan")
-    del meta["ownerReferences"]  # the owner of everything else
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": meta,
-        "data": {configmap_key(path): text for path, text in plan_files.items()},
-    }
-
-
-def _service(job: Job) -> dict:
-    # Headless, and publishing pods before they are ready: the workers dial the scheduler while it starts.
-    port = job.cluster.master_port
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(job, f"{job.name}-sched"),
-        "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": True,
-            "selector": {"app.kubernetes.io/name": job.name, "launcher/scheduler": "true"},
-            "ports": [{"name": "ms-sched", "port": port, "targetPort": port, "protocol": "TCP"}],
-        },
-    }
-
-
-def _podgroup(job: Job, members: int) -> dict:
-    # Fields from Volcano's CRD scheduling.volcano.sh_podgroups.yaml (v1beta1): spec.minMember, spec.queue.
-    return {
-        "apiVersion": "scheduling.volcano.sh/v1beta1",
-        "kind": "PodGroup",
-        "metadata": _metadata(job, job.name),
-        "spec": {"minMember": members, "queue": job.cluster.k8s.queue},
-    }
 
 
 def _env(name: str, value) -> dict:
@@ -269,7 +208,7 @@ def _pod_spec(job: Job, plan_files: dict[str, str], containers: list[dict], volc
 
 
 def _pod(job: Job, name: str, spec: dict, scheduler: bool, **labels: str) -> dict:
-    meta = _metadata(job, name, **labels)
+    meta = k8s_objects.metadata(job, name, **labels)
     if scheduler:
         meta["labels"]["launcher/scheduler"] = "true"
     if k8s_ascend.cluster_rank_table(job):
@@ -359,7 +298,7 @@ def _volcano_job(job: Job, pods: dict[str, dict]) -> dict:
             "replicas": 1,
             "template": {"metadata": {"labels": labels}, "spec": pod["spec"]},
         })
-    meta = _metadata(job, job.name)
+    meta = k8s_objects.metadata(job, job.name)
     if k8s_ascend.cluster_rank_table(job):  # asks Ascend Operator for the job's rank table
         meta["labels"][k8s_ascend.RING_CONTROLLER_LABEL] = job.cluster.k8s.ring_controller
     return {
@@ -404,10 +343,10 @@ def _ascend_job(job: Job, plan_files: dict[str, str], steps) -> dict:
         return {
             "replicas": count,
             "restartPolicy": "Never",
-            "template": {"metadata": {"labels": _labels(job, **ring)}, "spec": spec},
+            "template": {"metadata": {"labels": k8s_objects.labels(job, **ring)}, "spec": spec},
         }
 
-    meta = _metadata(job, job.name, framework="mindspore", **ring)
+    meta = k8s_objects.metadata(job, job.name, framework="mindspore", **ring)
     spec: dict = {}
     if k8s_ascend.uses_volcano(job):
         spec["schedulerName"] = "volcano"

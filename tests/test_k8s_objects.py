@@ -8,7 +8,7 @@ import yaml
 from conftest import EXAMPLES
 from launcher.backends.k8s.objects import run_objects, run_pods, set_owner
 from launcher.errors import ConfigError
-from launcher.k8s_manifests import OWNER_UID
+from launcher.k8s_objects import OWNER_UID
 from launcher.plan import build_plan
 from launcher.spec import load_job, parse_job
 

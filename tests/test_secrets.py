@@ -26,7 +26,7 @@ from conftest import EXAMPLES, LAUNCHER, free_port, only_run, outside_processes,
 from launcher import secret_env
 from launcher.backends.k8s.objects import run_objects
 from launcher.errors import ConfigError
-from launcher.k8s_manifests import OWNER_UID
+from launcher.k8s_objects import OWNER_UID
 from launcher.plan import NodeStep, build_plan
 from launcher.render import render_template
 from launcher.spec import parse_job

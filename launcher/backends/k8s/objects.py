@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import yaml
 
-from launcher import k8s_ascend, k8s_manifests, secret_env
+from launcher import k8s_ascend, k8s_objects, secret_env
 from launcher.errors import ConfigError
-from launcher.k8s_manifests import NODE_LABEL, RANK_LABEL, RUN_LABEL
+from launcher.k8s_manifests import NODE_LABEL, RANK_LABEL
+from launcher.k8s_objects import RUN_LABEL
 from launcher.plan import LaunchPlan
 
 # What `launcher up` creates, in dependency order: the owner first, the pods (or the job that makes them) last.
@@ -166,7 +167,7 @@ def _secret(configmap: dict, name: str, values: Mapping[str, str]) -> dict:
     """The run's Secret: one key per variable, owned by the ConfigMap like the job's other objects.
     Kubernetes API (kubernetes/api core/v1 types.go, Secret): data holds base64 bytes, type Opaque."""
     meta = copy.deepcopy(configmap["metadata"])  # its labels; named for the run with the rest
-    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": meta["name"], "uid": k8s_manifests.OWNER_UID}
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": meta["name"], "uid": k8s_objects.OWNER_UID}
     meta.update(name=name, ownerReferences=[owner])
     return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "immutable": True,
             "data": {key: base64.b64encode(value.encode()).decode() for key, value in values.items()}}
@@ -187,7 +188,7 @@ def _rename_pod(spec: dict, rename, hosts: Mapping[str, str], own_secret: str) -
 
 def set_owner(obj: dict, owner_uid: str) -> None:
     for ref in obj["metadata"].get("ownerReferences", []):
-        if ref["uid"] == k8s_manifests.OWNER_UID:
+        if ref["uid"] == k8s_objects.OWNER_UID:
             ref["uid"] = owner_uid
 
 
