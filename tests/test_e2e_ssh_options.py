@@ -71,7 +71,9 @@ def test_ssh_config_per_node_user_and_port_and_the_default_known_hosts(tmp_path,
 
         result = run_launcher("up", job, "--accept-new-host-keys", cwd=tmp_path, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
-        # Recorded under the name and port OpenSSH would use: [HostName]:Port, with each host's own key.
+        # Recorded under the name and port OpenSSH would use: [HostName]:Port, with each host's own key (sshd(8),
+        # "SSH_KNOWN_HOSTS FILE FORMAT": a non-standard port is written as [host]:port; openssh-portable
+        # hostfile.c put_host_port).
         assert sorted(known_hosts.read_text().splitlines()) == sorted(h.host_key_line for h in cluster.hosts)
         run_dir = only_run(tmp_path)
         assert_lora_checkpoints(run_dir, world=2)
@@ -199,7 +201,8 @@ def test_an_interrupted_gather_resumes_from_its_partial_files(tmp_path, tiny_dat
         assert hashlib.sha256(gathered.read_bytes()).hexdigest() == digest.hexdigest()
         assert not partial.exists()
         assert gather.verify_manifest(run_dir) == []
-        # The node's SFTP server sent only what the partial file lacked (its log of the last close of the file).
+        # The node's SFTP server sent only what the partial file lacked: sftp-server -l INFO logs each close as
+        # 'close "PATH" bytes read N written M' (openssh-portable sftp-server.c handle_log_close).
         closes = [line for line in host.path(sshcluster.SFTP_LOG).read_text().splitlines()
                   if "close " in line and "/rank_1/big.ckpt" in line]
         assert closes and f"bytes read {total - kept} written 0" in closes[-1], closes
